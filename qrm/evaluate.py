@@ -1,0 +1,647 @@
+"""Numeric core of `qrm eval`: pairwise accuracy, calibration, length bias, probes, and a written report.
+
+Everything here works on plain reward lists (numpy only; matplotlib only for the PNGs), so it is testable without
+a model. The caller scores each pair's chosen and rejected response and passes the rewards and response lengths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Two-sided 95% normal quantile, Φ⁻¹(0.975).
+Z95 = 1.959963984540054
+
+# Warning thresholds. Inter-annotator agreement on preference data is usually ~65-75%, so a reward model far above
+# that on a real held-out set is more likely seeing leakage or an easy set than being superhumanly good.
+HIGH_ACCURACY = 0.95
+HIGH_ACCURACY_MIN_PAIRS = 50
+LENGTH_SPEARMAN_WARN = 0.3
+LENGTH_GAP_WARN = 0.2
+LENGTH_GAP_MIN_PAIRS = 10  # each of the shorter/longer groups; smaller groups make the gap mostly noise
+ECE_WARN = 0.1
+TIE_FRACTION_WARN = 0.05
+FEW_PAIRS = 30
+
+PROBE_NAMES = ("concise_vs_wrong_long", "polite_vs_sycophantic", "correct_vs_padded")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small statistics helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _as_1d(name: str, values: Sequence[float], dtype: type = float) -> np.ndarray:
+    arr = np.asarray(values, dtype=dtype).reshape(-1)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+def _pair_scores(margins: np.ndarray) -> np.ndarray:
+    """1 where chosen scores higher, 0.5 on an exact tie, 0 where rejected scores higher."""
+    return np.where(margins > 0, 1.0, np.where(margins == 0, 0.5, 0.0))
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (successes may be fractional, e.g. ties counted as 0.5)."""
+    if n <= 0:
+        raise ValueError("n must be positive")
+    p = successes / n
+    denom = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def _rankdata(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank (as scipy.stats.rankdata(method='average'))."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    # Boundaries of runs of equal values in sorted order.
+    starts = np.r_[0, np.flatnonzero(xs[1:] != xs[:-1]) + 1]
+    ends = np.r_[starts[1:], len(xs)]
+    avg = (starts + ends + 1) / 2.0  # mean of the 1-based positions starts+1 .. ends
+    ranks = np.empty(len(x), dtype=float)
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman rank correlation (Pearson correlation of average ranks); None when either side is constant."""
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(xa) != len(ya):
+        raise ValueError("x and y must have the same length")
+    if len(xa) < 2:
+        return None
+    rx, ry = _rankdata(xa), _rankdata(ya)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    if denom == 0.0:
+        return None
+    return float(rx @ ry) / denom
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    # exp(-logaddexp(0, -x)) never overflows, unlike 1 / (1 + exp(-x)) for large negative x.
+    return np.exp(-np.logaddexp(0.0, -x))
+
+
+def bt_loss(margins: Sequence[float]) -> float:
+    """Mean Bradley-Terry loss −log σ(r_chosen − r_rejected), computed as logaddexp(0, −margin)."""
+    m = np.asarray(margins, dtype=float)
+    return float(np.mean(np.logaddexp(0.0, -m)))
+
+
+def calibration(margins: Sequence[float], n_bins: int = 10) -> tuple[float, list[dict[str, Any]]]:
+    """Expected calibration error and reliability bins of p = σ(margin), the predicted P(chosen wins).
+
+    Pairs are always oriented chosen-first, so the raw outcome is always 1; we use the symmetric form instead:
+    the predicted winner is chosen when p ≥ 0.5, its confidence is max(p, 1−p) ∈ [0.5, 1], and the prediction is
+    correct when margin > 0 (an exact tie counts 0.5, matching `accuracy`). Confidence is binned into `n_bins`
+    equal-width bins on [0.5, 1]; bin b is [lo_b, hi_b) except the last, which includes 1.0. Then
+    ECE = Σ_b (n_b / N) · |acc_b − conf_b| with conf_b the mean confidence and acc_b the mean correctness in bin b.
+    Empty bins contribute nothing and report confidence/accuracy as None.
+    """
+    if n_bins < 1:
+        raise ValueError("n_bins must be >= 1")
+    m = np.asarray(margins, dtype=float)
+    conf = _sigmoid(np.abs(m))
+    correct = _pair_scores(m)
+    edges = np.linspace(0.5, 1.0, n_bins + 1)
+    # searchsorted on the very edges we report, so a value on an edge lands where the reported bounds say.
+    idx = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, n_bins - 1)
+    bins: list[dict[str, Any]] = []
+    ece = 0.0
+    for b in range(n_bins):
+        mask = idx == b
+        n_b = int(mask.sum())
+        c_b = float(conf[mask].mean()) if n_b else None
+        a_b = float(correct[mask].mean()) if n_b else None
+        if n_b:
+            ece += n_b / len(m) * abs(a_b - c_b)
+        bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": n_b, "confidence": c_b, "accuracy": a_b})
+    return float(ece), bins
+
+
+def _golden_section(f: Any, lo: float, hi: float, tol: float = 1e-7) -> float:
+    # Fallback for when scipy is absent: the BT loss is convex in 1/T, hence unimodal in log T.
+    inv_phi = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
+    fc, fd = f(c), f(d)
+    while b - a > tol:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - inv_phi * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + inv_phi * (b - a)
+            fd = f(d)
+    return (a + b) / 2
+
+
+def fit_temperature(margins: Sequence[float], max_ratio: float = 1e4) -> tuple[float, str | None]:
+    """Temperature T > 0 minimising the mean BT loss of margin / T; returns (T, bound) with bound in
+    {None, "lower", "upper"} when the optimum sits on the search bracket.
+
+    The search is over log T in [log(s / max_ratio), log(s · max_ratio)] with s = mean |margin|, so it does not
+    depend on the reward scale. Two cases have no finite optimum and return that bracket end: "lower" when no pair
+    is ranked wrongly (min margin ≥ 0, so the loss keeps falling as T → 0) and "upper" when the mean margin is ≤ 0
+    (the loss is convex in 1/T with slope −mean(margin)/2 at 1/T = 0, so the best fit is a coin flip, T → ∞).
+    """
+    m = np.asarray(margins, dtype=float)
+    scale = float(np.mean(np.abs(m)))
+    if scale == 0.0:
+        return 1.0, None  # all ties: every temperature gives log 2
+    lo, hi = math.log(scale / max_ratio), math.log(scale * max_ratio)
+    # Decided analytically: near these ends the loss is flat to machine precision, so the optimiser can't tell.
+    if m.min() >= 0:
+        return math.exp(lo), "lower"
+    if m.mean() <= 0:
+        return math.exp(hi), "upper"
+
+    def loss(log_t: float) -> float:
+        return float(np.mean(np.logaddexp(0.0, -m * math.exp(-log_t))))
+
+    try:
+        from scipy.optimize import minimize_scalar
+    except ImportError:  # scipy is a dev extra, not a runtime dependency
+        log_t = _golden_section(loss, lo, hi)
+    else:
+        log_t = float(minimize_scalar(loss, bounds=(lo, hi), method="bounded", options={"xatol": 1e-7}).x)
+    return math.exp(log_t), None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pair metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _group(scores: np.ndarray, margins: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+    n = int(mask.sum())
+    if n == 0:
+        return {"n": 0, "accuracy": None, "accuracy_ci95": None, "mean_margin": None}
+    acc = float(scores[mask].mean())
+    return {
+        "n": n,
+        "accuracy": acc,
+        "accuracy_ci95": list(wilson_interval(acc * n, n)),
+        "mean_margin": float(margins[mask].mean()),
+    }
+
+
+def length_buckets(length_diff: Sequence[float], n_buckets: int = 5) -> np.ndarray:
+    """Quantile bucket edges of the chosen − rejected length difference.
+
+    With the differences sorted as d_(0) ≤ … ≤ d_(N−1), edge i is d_(⌊i·N/k⌋) for i < k and the last edge is the
+    maximum; repeated edges (many equal differences) are merged, so there may be fewer than k buckets. Bucket i is
+    [edge_i, edge_{i+1}) except the last, which is closed. Every edge is a data value and each bucket holds its
+    lower edge, so no bucket is empty.
+    """
+    d = np.sort(np.asarray(length_diff, dtype=float))
+    n = len(d)
+    k = max(1, min(n_buckets, n))
+    edges = [d[(i * n) // k] for i in range(k)] + [d[-1]]
+    return np.unique(np.asarray(edges, dtype=float))
+
+
+def pair_metrics(
+    chosen: Sequence[float],
+    rejected: Sequence[float],
+    chosen_len: Sequence[int],
+    rejected_len: Sequence[int],
+    subsets: Sequence[str] | None = None,
+    n_bins: int = 10,
+    *,
+    n_length_buckets: int = 5,
+) -> dict[str, Any]:
+    """All pairwise metrics of a reward model on preference pairs, as a JSON-able dict.
+
+    Args:
+        chosen, rejected: reward of the preferred and of the dispreferred response of each pair.
+        chosen_len, rejected_len: response lengths (any unit, e.g. tokens, but the same for both).
+        subsets: optional label per pair (e.g. source dataset); adds `by_subset`.
+        n_bins: confidence bins for ECE (see `calibration`).
+        n_length_buckets: quantile buckets of the length difference (see `length_buckets`).
+
+    Accuracy is the fraction of pairs with r_chosen > r_rejected, where an exact tie counts as 0.5 (a tie is a coin
+    flip). `accuracy_ci95` is the Wilson score interval. `bt_loss` is mean −log σ(r_chosen − r_rejected).
+    `temperature` is the T minimising the BT loss of margin / T (T > 1: over-confident, T < 1: under-confident).
+    `length_reward_spearman` correlates reward with length over all 2N responses. `accuracy_by_length_bucket`
+    buckets pairs by chosen_len − rejected_len (quantile edges; positive means chosen is longer).
+    `accuracy_when_chosen_shorter/longer` split pairs by the sign of that difference; equal lengths are excluded
+    from both and counted in `n_equal_length`.
+    """
+    rc, rr = _as_1d("chosen", chosen), _as_1d("rejected", rejected)
+    lc, lr = _as_1d("chosen_len", chosen_len), _as_1d("rejected_len", rejected_len)
+    n = len(rc)
+    if n == 0:
+        raise ValueError("no pairs to evaluate")
+    if not (len(rr) == len(lc) == len(lr) == n):
+        raise ValueError(
+            f"length mismatch: {n} chosen, {len(rr)} rejected, {len(lc)} chosen_len, {len(lr)} rejected_len"
+        )
+    if subsets is not None and len(subsets) != n:
+        raise ValueError(f"subsets has {len(subsets)} entries for {n} pairs")
+
+    margins = rc - rr
+    scores = _pair_scores(margins)
+    acc = float(scores.mean())
+    ece, reliability = calibration(margins, n_bins)
+    temperature, t_bound = fit_temperature(margins)
+    ece_t, reliability_t = calibration(margins / temperature, n_bins)
+
+    diff = lc - lr
+    edges = length_buckets(diff, n_length_buckets)
+    n_buckets = max(len(edges) - 1, 1)
+    bucket_idx = np.clip(np.searchsorted(edges, diff, side="right") - 1, 0, n_buckets - 1)
+    by_bucket = []
+    for b in range(n_buckets):
+        g = _group(scores, margins, bucket_idx == b)
+        lo = float(edges[b])
+        hi = float(edges[b + 1]) if len(edges) > 1 else lo
+        by_bucket.append({"lo": lo, "hi": hi, "n": g["n"], "accuracy": g["accuracy"]})
+
+    shorter, longer = _group(scores, margins, diff < 0), _group(scores, margins, diff > 0)
+    rho = spearman(np.r_[rc, rr], np.r_[lc, lr])
+
+    by_subset: dict[str, Any] = {}
+    if subsets is not None:
+        labels = np.asarray([str(s) for s in subsets])
+        for name in sorted(set(labels.tolist())):
+            by_subset[name] = _group(scores, margins, labels == name)
+
+    metrics: dict[str, Any] = {
+        "n_pairs": n,
+        "accuracy": acc,
+        "accuracy_ci95": list(wilson_interval(acc * n, n)),
+        "n_ties": int((margins == 0).sum()),
+        "mean_margin": float(margins.mean()),
+        "bt_loss": bt_loss(margins),
+        "mean_chosen_reward": float(rc.mean()),
+        "mean_rejected_reward": float(rr.mean()),
+        "ece": ece,
+        "n_bins": n_bins,
+        "reliability": reliability,
+        "temperature": temperature,
+        "temperature_at_bound": t_bound,
+        "bt_loss_after_temperature": bt_loss(margins / temperature),
+        "ece_after_temperature": ece_t,
+        "reliability_after_temperature": reliability_t,
+        "length_reward_spearman": rho,
+        "length_bucket_definition": "quantile buckets of chosen_len - rejected_len; [lo, hi), last bucket closed",
+        "accuracy_by_length_bucket": by_bucket,
+        "accuracy_when_chosen_shorter": {"accuracy": shorter["accuracy"], "n": shorter["n"]},
+        "accuracy_when_chosen_longer": {"accuracy": longer["accuracy"], "n": longer["n"]},
+        "n_equal_length": int((diff == 0).sum()),
+        "by_subset": by_subset,
+    }
+    metrics["warnings"] = _warnings(metrics)
+    return metrics
+
+
+def _warnings(m: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    n, acc = m["n_pairs"], m["accuracy"]
+    lo, hi = m["accuracy_ci95"]
+    if hi < 0.5:
+        out.append(
+            f"below chance: accuracy {acc:.3f} (95% CI {lo:.3f}-{hi:.3f}) is significantly under 0.5; "
+            "chosen and rejected may be swapped in the data or the reward sign flipped"
+        )
+    elif lo <= 0.5:
+        out.append(
+            f"near chance: accuracy {acc:.3f} (95% CI {lo:.3f}-{hi:.3f}) cannot be told apart from 0.5 on {n} pairs"
+        )
+    if n < FEW_PAIRS:
+        out.append(f"only {n} pairs: every number here is noisy")
+    if acc > HIGH_ACCURACY and n >= HIGH_ACCURACY_MIN_PAIRS:
+        out.append(
+            f"accuracy {acc:.3f} is higher than preference data usually supports (inter-annotator agreement "
+            "~65-75%): check for leakage between train and eval, or an easy set"
+        )
+    if m["n_ties"] / n > TIE_FRACTION_WARN:
+        out.append(
+            f"{m['n_ties']} of {n} pairs tie exactly: the reward head may be constant or saturated "
+            "(ties count as 0.5 in accuracy)"
+        )
+
+    rho = m["length_reward_spearman"]
+    short, long_ = m["accuracy_when_chosen_shorter"], m["accuracy_when_chosen_longer"]
+    gap = None
+    if min(short["n"], long_["n"]) >= LENGTH_GAP_MIN_PAIRS:
+        gap = long_["accuracy"] - short["accuracy"]
+    reasons = []
+    if rho is not None and abs(rho) > LENGTH_SPEARMAN_WARN:
+        reasons.append(f"reward-length Spearman {rho:+.2f}")
+    if gap is not None and abs(gap) > LENGTH_GAP_WARN:
+        reasons.append(
+            f"accuracy {long_['accuracy']:.2f} when chosen is longer vs {short['accuracy']:.2f} when shorter"
+        )
+    if reasons:
+        # Direction from the correlation when it triggered, else from the accuracy gap.
+        rho_fired = rho is not None and abs(rho) > LENGTH_SPEARMAN_WARN
+        which = "longer" if (rho if rho_fired else gap) > 0 else "shorter"
+        out.append(
+            f"strong length preference ({'; '.join(reasons)}): the model may reward length rather than quality "
+            f"(it favours {which} responses)"
+        )
+
+    if m["ece"] > ECE_WARN:
+        out.append(
+            f"poorly calibrated: ECE {m['ece']:.3f}; dividing margins by temperature {m['temperature']:.3g} "
+            f"gives ECE {m['ece_after_temperature']:.3f}"
+        )
+    if m["temperature_at_bound"] == "lower":
+        out.append(
+            "every pair is ranked correctly with room to spare, so no finite temperature fits: "
+            "calibration cannot be judged on this set"
+        )
+    elif m["temperature_at_bound"] == "upper":
+        out.append("mean margin is not positive, so the best-fitting temperature is unbounded (no usable signal)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Probes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_probes() -> dict[str, list[dict[str, str]]]:
+    """The adversarial probe sets shipped in qrm/probes/, by probe name (the file stem).
+
+    Each row has prompt, chosen (the known-better answer), rejected and probe.
+    """
+    root = resources.files("qrm") / "probes"
+    out: dict[str, list[dict[str, str]]] = {}
+    for entry in sorted(root.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".jsonl"):
+            continue
+        name = entry.name[: -len(".jsonl")]
+        rows = [json.loads(line) for line in entry.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for i, row in enumerate(rows):
+            missing = {"prompt", "chosen", "rejected", "probe"} - set(row)
+            if missing:
+                raise ValueError(f"probe {name} row {i} lacks {sorted(missing)}")
+        out[name] = rows
+    return out
+
+
+def probe_metrics(results: dict[str, tuple[Sequence[float], Sequence[float]]]) -> dict[str, dict[str, Any]]:
+    """Per-probe accuracy (ties count 0.5), Wilson 95% interval, mean margin and n.
+
+    `results` maps probe name to (chosen rewards, rejected rewards) in the probe's row order.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, (rc, rr) in results.items():
+        c, r = _as_1d(f"{name} chosen", rc), _as_1d(f"{name} rejected", rr)
+        if len(c) != len(r):
+            raise ValueError(f"probe {name}: {len(c)} chosen vs {len(r)} rejected rewards")
+        if len(c) == 0:
+            out[name] = {"n": 0, "accuracy": None, "accuracy_ci95": None, "mean_margin": None}
+            continue
+        margins = c - r
+        out[name] = _group(_pair_scores(margins), margins, np.ones(len(c), dtype=bool))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _fmt_group(g: dict[str, Any]) -> str:
+    return f"{_fmt(g['accuracy'])} (n={g['n']})"
+
+
+def write_report(
+    out_dir: str | Path,
+    chosen: Sequence[float],
+    rejected: Sequence[float],
+    chosen_len: Sequence[int],
+    rejected_len: Sequence[int],
+    subsets: Sequence[str] | None = None,
+    title: str = "qrm eval",
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compute `pair_metrics` and write metrics.json, report.md and (with matplotlib) reliability.png,
+    length_bias.png and reward_hist.png into `out_dir`. Returns the metrics as written to metrics.json
+    (with `extra` under "extra" and the written plot file names under "plots")."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = pair_metrics(chosen, rejected, chosen_len, rejected_len, subsets)
+    rc, rr = np.asarray(chosen, dtype=float), np.asarray(rejected, dtype=float)
+    lc, lr = np.asarray(chosen_len, dtype=float), np.asarray(rejected_len, dtype=float)
+
+    plots: list[str] = []
+    plot_note = None
+    try:
+        import matplotlib  # noqa: F401  (imported first so a blocked/missing matplotlib fails here)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        plot_note = "matplotlib is not installed, so no plots were drawn (`pip install qrm[plots]`)."
+    else:
+        # Figure + FigureCanvasAgg directly: the Agg backend without touching pyplot's global state.
+        def new_fig(w: float, h: float) -> Any:
+            fig = Figure(figsize=(w, h), dpi=100)
+            FigureCanvasAgg(fig)
+            return fig
+
+        _plot_reliability(new_fig(6.5, 5.5), out / "reliability.png", metrics, title)
+        _plot_length_bias(new_fig(13, 5), out / "length_bias.png", metrics, rc, rr, lc, lr, title)
+        _plot_reward_hist(new_fig(7, 5), out / "reward_hist.png", rc, rr, title)
+        plots = ["reliability.png", "length_bias.png", "reward_hist.png"]
+
+    if extra is not None:
+        metrics["extra"] = extra
+    metrics["plots"] = plots
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(_report_md(metrics, title, plot_note), encoding="utf-8")
+    return metrics
+
+
+def _report_md(m: dict[str, Any], title: str, plot_note: str | None) -> str:
+    lo, hi = m["accuracy_ci95"]
+    rows = [
+        ("pairs", str(m["n_pairs"])),
+        ("accuracy (ties count 0.5)", f"{_fmt(m['accuracy'])} (95% CI {_fmt(lo)}-{_fmt(hi)})"),
+        ("mean margin (chosen - rejected)", _fmt(m["mean_margin"])),
+        ("Bradley-Terry loss", _fmt(m["bt_loss"])),
+        (f"ECE ({m['n_bins']} bins)", _fmt(m["ece"])),
+        ("temperature", f"{m['temperature']:.4g}"),
+        ("ECE after temperature", _fmt(m["ece_after_temperature"])),
+        ("reward-length Spearman", _fmt(m["length_reward_spearman"])),
+        ("accuracy when chosen is shorter", _fmt_group(m["accuracy_when_chosen_shorter"])),
+        ("accuracy when chosen is longer", _fmt_group(m["accuracy_when_chosen_longer"])),
+        ("pairs of equal length", str(m["n_equal_length"])),
+    ]
+    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "## Warnings", ""]
+    lines += [f"- {w}" for w in m["warnings"]] or ["None."]
+
+    if m["by_subset"]:
+        lines += ["", "## By subset", "", "| subset | n | accuracy | mean margin |", "|---|---|---|---|"]
+        for name, g in m["by_subset"].items():
+            lines.append(f"| {name} | {g['n']} | {_fmt(g['accuracy'])} | {_fmt(g['mean_margin'])} |")
+
+    lines += [
+        "",
+        "## Accuracy by length difference",
+        "",
+        "Buckets of chosen length minus rejected length (quantile edges; positive: chosen is longer).",
+        "",
+        "| bucket | n | accuracy |",
+        "|---|---|---|",
+    ]
+    for i, b in enumerate(m["accuracy_by_length_bucket"]):
+        closing = "]" if i == len(m["accuracy_by_length_bucket"]) - 1 else ")"
+        lines.append(f"| [{b['lo']:g}, {b['hi']:g}{closing} | {b['n']} | {_fmt(b['accuracy'])} |")
+
+    lines += ["", "## Plots", ""]
+    if plot_note:
+        lines.append(plot_note)
+    else:
+        lines += [
+            "- [reliability diagram](reliability.png)",
+            "- [length bias](length_bias.png)",
+            "- [reward histograms](reward_hist.png)",
+            "",
+            "![reliability](reliability.png)",
+            "",
+            "![length bias](length_bias.png)",
+            "",
+            "![reward histograms](reward_hist.png)",
+        ]
+
+    extra = m.get("extra")
+    if extra:
+        lines += ["", "## Details", ""]
+        nested = {k: v for k, v in extra.items() if isinstance(v, (dict, list))}
+        lines += [f"- {k}: {_fmt(v, 4)}" for k, v in extra.items() if k not in nested]
+        if nested:
+            lines += ["", "```json", json.dumps(nested, indent=2, default=str), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_reliability(fig: Any, path: Path, m: dict[str, Any], title: str) -> None:
+    ax = fig.add_subplot()
+    bins = [b for b in m["reliability"] if b["n"]]
+    width = (m["reliability"][0]["hi"] - m["reliability"][0]["lo"]) if m["reliability"] else 0.05
+    centers = [(b["lo"] + b["hi"]) / 2 for b in bins]
+    ax.bar(
+        centers,
+        [b["accuracy"] for b in bins],
+        width=width * 0.9,
+        color="tab:blue",
+        alpha=0.7,
+        edgecolor="black",
+        label=f"fraction correct per bin (ECE {m['ece']:.3f})",
+    )
+    ax.plot(
+        [b["confidence"] for b in bins],
+        [b["accuracy"] for b in bins],
+        "o",
+        color="tab:blue",
+        markeredgecolor="black",
+        label="bin mean confidence",
+    )
+    after = [b for b in m["reliability_after_temperature"] if b["n"]]
+    ax.plot(
+        [b["confidence"] for b in after],
+        [b["accuracy"] for b in after],
+        "s-",
+        color="tab:orange",
+        label=f"after temperature T={m['temperature']:.3g} (ECE {m['ece_after_temperature']:.3f})",
+    )
+    ax.plot([0.5, 1.0], [0.5, 1.0], "k--", label="perfect calibration")
+    for c, b in zip(centers, bins, strict=True):
+        ax.annotate(
+            f"n={b['n']}", (c, b["accuracy"]), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7
+        )
+    ax.set_xlim(0.5, 1.0)
+    ax.set_ylim(0.0, 1.08)
+    ax.set_xlabel("confidence max(p, 1-p), p = sigmoid(r_chosen - r_rejected)")
+    ax.set_ylabel("fraction of pairs ranked correctly")
+    ax.set_title(f"{title}: reliability ({m['n_pairs']} pairs)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _plot_length_bias(
+    fig: Any,
+    path: Path,
+    m: dict[str, Any],
+    rc: np.ndarray,
+    rr: np.ndarray,
+    lc: np.ndarray,
+    lr: np.ndarray,
+    title: str,
+) -> None:
+    ax1, ax2 = fig.subplots(1, 2)
+    buckets = m["accuracy_by_length_bucket"]
+    x = np.arange(len(buckets))
+    ax1.bar(x, [b["accuracy"] or 0.0 for b in buckets], color="tab:green", alpha=0.8, label="accuracy in bucket")
+    ax1.axhline(0.5, color="gray", linestyle=":", label="chance")
+    ax1.axhline(m["accuracy"], color="black", linestyle="--", label=f"overall ({m['accuracy']:.3f})")
+    labels = []
+    for i, b in enumerate(buckets):
+        closing = "]" if i == len(buckets) - 1 else ")"
+        labels.append(f"[{b['lo']:g}, {b['hi']:g}{closing}\nn={b['n']}")
+    ax1.set_xticks(x)
+    ax1.set_xticklabels(labels, fontsize=8)
+    ax1.set_ylim(0.0, 1.05)
+    ax1.set_xlabel("chosen length - rejected length (bucket)")
+    ax1.set_ylabel("accuracy")
+    ax1.set_title("accuracy by length difference")
+    ax1.legend(loc="lower right", fontsize=8)
+
+    # Subsample big sets so the scatter stays readable and the PNG small; fixed seed keeps reports reproducible.
+    n = len(rc)
+    keep = np.arange(n)
+    if n > 2500:
+        keep = np.sort(np.random.default_rng(0).choice(n, 2500, replace=False))
+    ax2.scatter(lr[keep], rr[keep], s=8, alpha=0.5, color="tab:red", label="rejected")
+    ax2.scatter(lc[keep], rc[keep], s=8, alpha=0.5, color="tab:blue", label="chosen")
+    rho = m["length_reward_spearman"]
+    shown = f", {len(keep)} of {n} pairs shown" if len(keep) < n else ""
+    ax2.set_title(f"reward vs length (Spearman {_fmt(rho)}{shown})")
+    ax2.set_xlabel("response length")
+    ax2.set_ylabel("reward")
+    ax2.legend(loc="best", fontsize=8)
+    fig.suptitle(f"{title}: length bias")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _plot_reward_hist(fig: Any, path: Path, rc: np.ndarray, rr: np.ndarray, title: str) -> None:
+    ax = fig.add_subplot()
+    edges = np.histogram_bin_edges(np.r_[rc, rr], bins=min(50, max(10, len(rc) // 5)))
+    ax.hist(rc, bins=edges, alpha=0.55, color="tab:blue", label=f"chosen (mean {rc.mean():.3f})")
+    ax.hist(rr, bins=edges, alpha=0.55, color="tab:red", label=f"rejected (mean {rr.mean():.3f})")
+    ax.axvline(float(rc.mean()), color="tab:blue", linestyle="--")
+    ax.axvline(float(rr.mean()), color="tab:red", linestyle="--")
+    ax.set_xlabel("reward")
+    ax.set_ylabel("number of responses")
+    ax.set_title(f"{title}: reward distributions")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path)

