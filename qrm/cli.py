@@ -12,7 +12,6 @@ COMMANDS = {
     "merge": ("qrm.export", "merge the adapter into a standalone model and verify it"),
     "score": ("qrm.export", "score (prompt, response) rows or pairs with a model"),
     "push": ("qrm.hub", "push a model or adapter to the Hugging Face Hub"),
-    "bench": ("qrm.bench", "benchmark qrm against TRL's defaults"),
 }
 
 

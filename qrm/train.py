@@ -97,6 +97,9 @@ def build_trainer(
         fsdp=fsdp,
         trust_remote_code=targs.trust_remote_code,
     )
+    from .score import keep_training_matmul
+
+    keep_training_matmul(model)  # evals must not repack 4-bit weights with bf16 scales (AVX512-BF16 CPUs)
     counts = count_parameters(model)
     attn = model.config._attn_implementation if hasattr(model.config, "_attn_implementation") else "?"
     logger.info(
