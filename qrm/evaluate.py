@@ -308,6 +308,10 @@ def pair_metrics(
     return metrics
 
 
+def _pairs(n: int) -> str:
+    return f"{n} pair" if n == 1 else f"{n} pairs"
+
+
 def _warnings(m: dict[str, Any]) -> list[str]:
     out: list[str] = []
     n, acc = m["n_pairs"], m["accuracy"]
@@ -319,10 +323,10 @@ def _warnings(m: dict[str, Any]) -> list[str]:
         )
     elif lo <= 0.5:
         out.append(
-            f"near chance: accuracy {acc:.3f} (95% CI {lo:.3f}-{hi:.3f}) cannot be told apart from 0.5 on {n} pairs"
+            f"near chance: accuracy {acc:.3f} (95% CI {lo:.3f}-{hi:.3f}) cannot be told apart from 0.5 on {_pairs(n)}"
         )
     if n < FEW_PAIRS:
-        out.append(f"only {n} pairs: every number here is noisy")
+        out.append(f"only {_pairs(n)}: every number here is noisy")
     if acc > HIGH_ACCURACY and n >= HIGH_ACCURACY_MIN_PAIRS:
         out.append(
             f"accuracy {acc:.3f} is higher than preference data usually supports (inter-annotator agreement "
@@ -356,14 +360,17 @@ def _warnings(m: dict[str, Any]) -> list[str]:
         )
 
     if m["ece"] > ECE_WARN:
-        out.append(
-            f"poorly calibrated: ECE {m['ece']:.3f}; dividing margins by temperature {m['temperature']:.3g} "
-            f"gives ECE {m['ece_after_temperature']:.3f}"
+        # A temperature on the search bracket is not a fit, so don't recommend it.
+        fix = (
+            f"; dividing margins by temperature {m['temperature']:.3g} gives ECE {m['ece_after_temperature']:.3f}"
+            if m["temperature_at_bound"] is None
+            else ""
         )
+        out.append(f"poorly calibrated: ECE {m['ece']:.3f}{fix}")
     if m["temperature_at_bound"] == "lower":
         out.append(
-            "every pair is ranked correctly with room to spare, so no finite temperature fits: "
-            "calibration cannot be judged on this set"
+            "no pair is ranked wrongly, so the BT loss keeps falling as the temperature shrinks and no temperature "
+            "fits: calibration cannot be judged on this set"
         )
     elif m["temperature_at_bound"] == "upper":
         out.append("mean margin is not positive, so the best-fitting temperature is unbounded (no usable signal)")
@@ -531,7 +538,16 @@ def _report_md(m: dict[str, Any], title: str, plot_note: str | None) -> str:
             "![reward histograms](reward_hist.png)",
         ]
 
-    extra = m.get("extra")
+    extra = dict(m.get("extra") or {})
+    probes = extra.get("probes")
+    # probe_metrics output gets a table of its own; anything else in `extra` is listed as is.
+    if isinstance(probes, dict) and probes and all(isinstance(g, dict) and "accuracy" in g for g in probes.values()):
+        lines += ["", "## Probes", "", "| probe | n | accuracy | 95% CI |", "|---|---|---|---|"]
+        for name, g in probes.items():
+            ci = g.get("accuracy_ci95")
+            ci_s = f"{_fmt(ci[0])}-{_fmt(ci[1])}" if ci else "n/a"
+            lines.append(f"| {name} | {g.get('n', 'n/a')} | {_fmt(g['accuracy'])} | {ci_s} |")
+        del extra["probes"]
     if extra:
         lines += ["", "## Details", ""]
         nested = {k: v for k, v in extra.items() if isinstance(v, (dict, list))}
@@ -561,7 +577,7 @@ def _plot_reliability(fig: Any, path: Path, m: dict[str, Any], title: str) -> No
         "o",
         color="tab:blue",
         markeredgecolor="black",
-        label="bin mean confidence",
+        label="model: bin (mean confidence, accuracy)",
     )
     after = [b for b in m["reliability_after_temperature"] if b["n"]]
     ax.plot(
@@ -634,14 +650,126 @@ def _plot_length_bias(
 
 def _plot_reward_hist(fig: Any, path: Path, rc: np.ndarray, rr: np.ndarray, title: str) -> None:
     ax = fig.add_subplot()
-    edges = np.histogram_bin_edges(np.r_[rc, rr], bins=min(50, max(10, len(rc) // 5)))
+    # √(responses) bins, clamped: enough shape for big sets without a comb of empty bins for small ones.
+    edges = np.histogram_bin_edges(np.r_[rc, rr], bins=int(min(50, max(10, math.sqrt(2 * len(rc))))))
     ax.hist(rc, bins=edges, alpha=0.55, color="tab:blue", label=f"chosen (mean {rc.mean():.3f})")
     ax.hist(rr, bins=edges, alpha=0.55, color="tab:red", label=f"rejected (mean {rr.mean():.3f})")
     ax.axvline(float(rc.mean()), color="tab:blue", linestyle="--")
     ax.axvline(float(rr.mean()), color="tab:red", linestyle="--")
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("reward")
     ax.set_ylabel("number of responses")
     ax.set_title(f"{title}: reward distributions")
     ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path)
+
+
+# ----------------------------------------------------------------------------------------------- qrm eval
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    data: str | None,
+    out_dir: str | Path,
+    probes: bool = False,
+    data_args: Any = None,
+    subset_column: str | None = None,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Score `data` (any format the trainer reads) and/or the bundled probes with an adapter dir or an export,
+    and write metrics.json, report.md and the plots into `out_dir`."""
+    from .config import DataArguments
+    from .data import build_pairs, load_rows, tokenize_pairs
+    from .score import RewardModel, score_pair_rows
+
+    rm = RewardModel.from_pretrained(model_dir)
+    pad = rm.tokenizer.pad_token_id
+    extra: dict[str, Any] = {"model": str(model_dir)}
+    if probes:
+        results = {}
+        for name, rows in load_probes().items():
+            from .data import DataReport
+
+            tok = tokenize_pairs(rows, rm.tokenizer, rm.max_length, DataReport(source=name))
+            results[name] = score_pair_rows(rm.model, tok, pad, batch_size)
+        extra["probes"] = probe_metrics(results)
+    if data is None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "probes.json").write_text(json.dumps(extra["probes"], indent=2) + "\n")
+        return extra
+    dargs = data_args or DataArguments(dataset=data)
+    rows, where = load_rows(data, dargs.dataset_split)
+    pairs, report = build_pairs(rows, dargs, where, rm.tokenizer)
+    tok = tokenize_pairs(pairs, rm.tokenizer, rm.max_length, report)
+    chosen, rejected = score_pair_rows(rm.model, tok, pad, batch_size)
+    clen = [len(r["chosen_ids"]) - r["prompt_len"] for r in tok]
+    rlen = [len(r["rejected_ids"]) - r["prompt_len"] for r in tok]
+    subsets = None
+    if subset_column:
+        if subset_column not in rows.column_names:
+            raise ValueError(f"{where}: no column {subset_column!r} for per-subset numbers")
+        subsets = [str(rows[r["row"] - 1][subset_column]) for r in tok]
+    extra["data"] = report.as_dict()
+    metrics = write_report(
+        out_dir, chosen, rejected, clen, rlen, subsets=subsets, title=f"qrm eval: {where}", extra=extra
+    )
+    with open(Path(out_dir) / "rewards.jsonl", "w") as f:
+        for r, c, j in zip(tok, chosen, rejected, strict=True):
+            f.write(json.dumps({"row": r["row"], "chosen_reward": c, "rejected_reward": j}) + "\n")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`qrm eval --model DIR --data FILE [--out DIR] [--probes]`."""
+    import argparse
+    import sys
+
+    from .data import DataError
+
+    p = argparse.ArgumentParser(prog="qrm eval", description="Accuracy, calibration, length bias and probes.")
+    p.add_argument("--model", required=True, help="adapter dir from qrm train, or an export from qrm merge")
+    p.add_argument("--data", help="pairs in any format qrm train reads")
+    p.add_argument("--out", help="output dir (default: <model>/eval-<data name>)")
+    p.add_argument("--probes", action="store_true", help="also run the bundled probe sets")
+    p.add_argument("--dataset-format", default="auto")
+    p.add_argument("--prompt-column", default="prompt")
+    p.add_argument("--chosen-column", default="chosen")
+    p.add_argument("--rejected-column", default="rejected")
+    p.add_argument("--subset-column", help="column with a subset/category name, for per-subset numbers")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
+    a = p.parse_args(argv)
+    if not a.data and not a.probes:
+        p.error("give --data, --probes, or both")
+    from .config import DataArguments
+
+    name = Path(a.data).name.split(".")[0] if a.data else "probes"
+    out = Path(a.out) if a.out else Path(a.model) / f"eval-{name}"
+    if (out / "metrics.json").exists() and not a.force:
+        print(f"qrm eval: error: {out} already holds a report; pass --force to overwrite it", file=sys.stderr)
+        return 2
+    dargs = None
+    if a.data:
+        dargs = DataArguments(
+            dataset=a.data,
+            dataset_format=a.dataset_format,
+            prompt_column=a.prompt_column,
+            chosen_column=a.chosen_column,
+            rejected_column=a.rejected_column,
+        )
+    try:
+        m = evaluate_model(a.model, a.data, out, a.probes, dargs, a.subset_column, a.batch_size)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"qrm eval: error: {e}", file=sys.stderr)
+        return 2
+    if "accuracy" in m:
+        lo, hi = m["accuracy_ci95"]
+        print(f"accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on {m['n_pairs']} pairs; ECE {m['ece']:.3f}")
+        for w in m.get("warnings", []):
+            print(f"warning: {w}")
+    for probe, v in (m.get("extra", m).get("probes") or {}).items():
+        print(f"probe {probe}: accuracy {v['accuracy']:.3f} on {v['n']} pairs")
+    print(f"report: {out}")
+    return 0

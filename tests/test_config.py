@@ -18,7 +18,7 @@ def test_recipe_then_overrides():
     )
     assert m.model_name_or_path.startswith("pkg:") and m.load_in_4bit
     assert t.learning_rate == 1.0e-5 and lo.lora_r == 4 and d.dataset_format == "auto"
-    assert t.max_length == 256 and d.max_pairs == 1500  # from the file
+    assert t.max_length == 192 and d.max_pairs == 1500  # from the file
 
 
 def test_unknown_key_in_file_names_file_and_key(tmp_path):

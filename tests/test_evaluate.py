@@ -284,7 +284,14 @@ def test_write_report_files_and_images(tmp_path) -> None:
     chosen, rejected, clen, rlen, subsets = report_inputs()
     out = tmp_path / "eval"
     m = write_report(
-        out, chosen, rejected, clen, rlen, subsets, title="unit test", extra={"model": "tiny", "probes": {"x": 1}}
+        out,
+        chosen,
+        rejected,
+        clen,
+        rlen,
+        subsets,
+        title="unit test",
+        extra={"model": "tiny", "probes": probe_metrics({"padded": ([1.0, 0.0], [0.0, 1.0])})},
     )
     assert sorted(p.name for p in out.iterdir()) == [
         "length_bias.png",
@@ -301,6 +308,7 @@ def test_write_report_files_and_images(tmp_path) -> None:
     assert md.startswith("# unit test")
     assert f"{m['accuracy']:.3f}" in md and "reliability.png" in md and "reward_hist.png" in md
     assert "| shp |" in md and "model: tiny" in md
+    assert "| padded | 2 | 0.500 |" in md  # probe_metrics output in `extra` becomes a table
     for name in m["plots"]:
         img = image.imread(out / name)
         h, w = img.shape[:2]

@@ -128,18 +128,23 @@ def test_train_saves_adapter_that_reloads_with_same_rewards(request, hh_small, t
     assert len({round(x, 6) for x in chosen + rejected}) > 1, "constant rewards: the head reads nothing"
 
 
-def test_bad_data_fails_before_model_load_with_named_row(tmp_path):
+def test_bad_data_fails_before_model_load_with_named_row(tiny_llama, tmp_path):
+    import shutil
+
+    # Tokenizer and config but no weights: reaching the weight loader would fail differently.
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(tiny_llama, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
     bad = write_jsonl(
         tmp_path / "bad.jsonl",
         [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": None}],
     )
     res = subprocess.run(
-        [sys.executable, "-m", "qrm.cli", "train", *_recipe("does/not-exist-model", tmp_path / "o", bad)],
+        [sys.executable, "-m", "qrm.cli", "train", *_recipe(no_weights, tmp_path / "o", bad)],
         capture_output=True, text=True, env=ENV, timeout=300,
     )  # fmt: skip
-    # The model id is bogus: reaching the model loader would fail differently. The data error comes first.
-    assert res.returncode == 2
+    assert res.returncode == 2, res.stderr[-2000:]
     assert "bad.jsonl: row 2: field 'rejected' is missing or null" in res.stderr
+    assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
 
 
 def test_cli_and_accelerate_launch_run_the_same_path(tiny_llama, hh_small, tmp_path):
@@ -149,7 +154,7 @@ def test_cli_and_accelerate_launch_run_the_same_path(tiny_llama, hh_small, tmp_p
         "accelerate": [
             sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no",
-            str(ROOT / "scripts" / "train.py"), *common, "--output_dir", str(tmp_path / "acc"),
+            str(ROOT / "scripts" / "train.py"), *common, "--output_dir", str(tmp_path / "accelerate"),
         ],
     }  # fmt: skip
     losses = {}
@@ -171,6 +176,7 @@ def test_learns_real_preferences_above_chance(tmp_path):
                 "--recipe", str(ROOT / "recipes" / "demo" / "minilm_hh_helpful.yaml"),
                 "--dataset", str(HH_TRAIN), "--eval_dataset", str(HH_TEST),
                 "--max_pairs", "600", "--max_length", "128", "--output_dir", str(out),
+                "--learning_rate", "5.0e-4", "--num_train_epochs", "2",
             ]
         )
     )  # fmt: skip
