@@ -12,8 +12,8 @@ and 26 GB; the GPU machine has 128 GiB and 64 GiB). One fresh process per recipe
 
 GPU machine (/work/.library/device/README.md): it lacks trl, bitsandbytes and datasets and has transformers 5.17, so
 wheels travel. Once, here, in the repo root (.whl/ is git-ignored; zip keeps only bitsandbytes' CUDA 13 libraries,
-for torch 2.11+cu130 there: ~60 MB -> a few of the 64 MiB that travel; datasets 5.2 needs pyarrow>=24 and
-transformers 5.23 regex>=2025.10.22, so carry those wheels too if the versions the command prints are older):
+for torch 2.11+cu130 there, so the wheel takes a few of the 64 MiB that travel; the command lists pyarrow (>=24),
+fsspec (<=2026.9.0) and regex (>=2025.10.22) there, which datasets 5.2 and transformers 5.23 need: carry any that fail):
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
@@ -21,7 +21,7 @@ transformers 5.23 regex>=2025.10.22, so carry those wheels too if the versions t
   zip -qd .whl/bitsandbytes-*.whl 'bitsandbytes/lib*_cuda1[12]*' 'bitsandbytes/lib*_rocm*' 'bitsandbytes/lib*_xpu*'
 then one device `run` per recipe (a few minutes each), carry [".whl"], command:
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit; python3 -m pip show pyarrow regex | grep ^Ver;
+  && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit; python3 -m pip list | grep -E '^(pyarrow|fsspec|regex) ';
   python3 benchmarks/gpu_qlora_memory.py --recipe recipes/llama-2-13b/hh_rlhf_qlora.yaml; cp benchmarks/results/* $OUT/
 FSDP: the same with python3 -m accelerate.commands.launch --config_file accelerate_configs/fsdp.yaml
   --num_processes 1 benchmarks/gpu_qlora_memory.py --recipe recipes/llama-2-13b/hh_rlhf_fsdp.yaml

@@ -17,7 +17,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 def test_tiny_run_writes_record_with_planner_numbers(tmp_path: Path) -> None:
     before = sorted(RESULTS.iterdir()) if RESULTS.is_dir() else []
     env = {**os.environ, "TMPDIR": str(tmp_path), "TOKENIZERS_PARALLELISM": "false"}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"))
     out = tmp_path / "out"
     cmd = [sys.executable, str(SCRIPT), "--tiny", "--recipe", "recipes/llama-2-13b/hh_rlhf_qlora.yaml", "--out-dir"]
     proc = subprocess.run([*cmd, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
