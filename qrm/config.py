@@ -96,6 +96,10 @@ class TrainingArguments(RewardConfig):
     """TRL's RewardConfig plus qrm's switches."""
 
     max_length: int | None = field(default=1024, metadata={"help": "Tokens per sequence; prompt truncated left."})
+    skip_nonfinite_steps: bool = field(
+        default=False,
+        metadata={"help": "Skip (and count) steps with a NaN/Inf loss or gradient instead of stopping the run."},
+    )
     verify_pairs: int = field(
         default=64, metadata={"help": "Held-out pairs saved beside the adapter, to verify exports against."}
     )

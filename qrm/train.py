@@ -36,8 +36,11 @@ def _sharded(targs: TrainingArguments) -> bool:
 def _trainer_class() -> type:
     from trl import RewardTrainer
 
-    class QrmRewardTrainer(RewardTrainer):
-        """TRL's RewardTrainer; keeps the `length` column so length-grouped sampling can read it."""
+    from .reliability import ReliabilityMixin
+
+    class QrmRewardTrainer(ReliabilityMixin, RewardTrainer):
+        """TRL's RewardTrainer with atomic checkpoints, a non-finite guard, no token in pickles, and the `length`
+        column kept for length-grouped sampling."""
 
         def _set_signature_columns_if_needed(self) -> None:
             super()._set_signature_columns_if_needed()
@@ -200,15 +203,17 @@ def train(
 
 
 def _resume_arg(targs: TrainingArguments) -> Any:
-    from transformers.trainer_utils import get_last_checkpoint
+    """An explicit checkpoint, else the newest complete one in output_dir (damaged ones skipped, with a reason)."""
+    from .reliability import last_good_checkpoint
 
     if targs.resume_from_checkpoint:
         return targs.resume_from_checkpoint
-    if os.path.isdir(targs.output_dir) and get_last_checkpoint(targs.output_dir):
-        last = get_last_checkpoint(targs.output_dir)
+    if not os.path.isdir(targs.output_dir):
+        return None
+    last = last_good_checkpoint(targs.output_dir, require_optimizer=not targs.save_only_model)
+    if last:
         logger.info("resuming from %s", last)
-        return last
-    return None
+    return last
 
 
 def _finite(d: dict[str, Any]) -> dict[str, Any]:
@@ -245,10 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     """`qrm train` and `scripts/train.py`: parse the recipe, train, print where the model went."""
     from .config import RecipeError, parse_recipe
     from .data import DataError
+    from .reliability import NonFiniteError
 
     try:
         margs, largs, dargs, targs = parse_recipe(argv)
         train(margs, largs, dargs, targs)
+    except NonFiniteError as e:
+        print(f"qrm: error: {e}; the last good checkpoint in the output dir is kept", file=sys.stderr)
+        return 3
     except (RecipeError, DataError) as e:
         print(f"qrm: error: {e}", file=sys.stderr)
         return 2

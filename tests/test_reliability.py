@@ -1,0 +1,141 @@
+"""Reliability on a tiny 4-bit Llama: non-finite steps, atomic checkpoints, no Hub token on disk."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import hh_rows, write_jsonl
+from test_train import _recipe
+from transformers import TrainerCallback
+
+import qrm.train as qtrain
+from qrm.config import parse_recipe
+from qrm.reliability import NonFiniteError, ReliabilityMixin, last_good_checkpoint
+
+TOKEN = "hf_FAKEFAKEFAKEFAKEFAKEFAKEFAKEFAKE12"
+
+
+@pytest.fixture(scope="module")
+def hh_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("d") / "hh.jsonl", hh_rows(48))
+
+
+@pytest.fixture
+def reliable() -> None:
+    """qrm's trainer carries the reliability mixin."""
+    assert issubclass(qtrain._trainer_class(), ReliabilityMixin)
+
+
+def _build(model: Path, out: Path, data: Path, *extra: str) -> Any:
+    args = parse_recipe(_recipe(model, out, data, "--max_steps", "4", "--bnb_4bit_compute_dtype", "float32", *extra))
+    trainer, _ = qtrain.build_trainer(*args)
+    return trainer
+
+
+def _poison(trainer: Any, step: int) -> None:
+    """Make the loss NaN on optimizer step `step` (1-based), as a diverged run would."""
+    orig = trainer.compute_loss
+
+    def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = orig(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if trainer.state.global_step == step - 1:
+            return (out[0] * math.nan, out[1]) if return_outputs else out * math.nan
+        return out
+
+    trainer.compute_loss = compute_loss
+
+
+def _trainable(trainer: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+class _Snap(TrainerCallback):
+    def __init__(self, trainer: Any, step: int) -> None:
+        self.trainer, self.step, self.weights = trainer, step, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.weights = _trainable(self.trainer)
+
+
+def test_nan_stops_before_optimizer_step_and_keeps_last_good_checkpoint(reliable, tiny_llama, hh_small, tmp_path):
+    out = tmp_path / "o"
+    trainer = _build(tiny_llama, out, hh_small, "--save_strategy", "steps", "--save_steps", "2")
+    _poison(trainer, 3)
+    snap = _Snap(trainer, 2)
+    trainer.add_callback(snap)
+    with pytest.raises(NonFiniteError, match="global step 3"):
+        trainer.train()
+    after = _trainable(trainer)
+    assert all(torch.isfinite(w).all() for w in after.values())
+    assert all(torch.equal(after[n], snap.weights[n]) for n in after), "the NaN step reached the weights"
+    assert last_good_checkpoint(out) == str(out / "checkpoint-2")
+    assert not list(out.glob("tmp-checkpoint-*")), "staging dir left behind"
+
+
+def test_skip_mode_counts_and_logs_nan_not_zero(reliable, tiny_llama, hh_small, tmp_path):
+    trainer = _build(tiny_llama, tmp_path / "o", hh_small)
+    trainer.nonfinite_guard.skip = True
+    _poison(trainer, 2)
+    snap = _Snap(trainer, 1)
+    trainer.add_callback(snap)
+    skipped_after: dict[str, torch.Tensor] = {}
+
+    class _AtStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                skipped_after.update(_trainable(trainer))
+
+    trainer.add_callback(_AtStep2())
+    trainer.train()
+    assert trainer.nonfinite_guard.skipped == 1 and trainer.nonfinite_guard.skipped_steps == [2]
+    assert all(torch.equal(skipped_after[n], snap.weights[n]) for n in skipped_after), "skipped step moved weights"
+    final = _trainable(trainer)
+    assert all(torch.isfinite(w).all() for w in final.values())
+    assert any(not torch.equal(final[n], snap.weights[n]) for n in final), "training stopped after the skip"
+    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    assert math.isnan(losses[2]), f"skipped step logged as {losses[2]}"
+    assert all(math.isfinite(losses[s]) for s in (1, 3, 4))
+    assert trainer.state.log_history[-1]["nonfinite_skipped"] == 1
+
+
+def test_atomic_checkpoints_no_token_and_damaged_newest_is_skipped(
+    reliable, tiny_llama, hh_small, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    out = tmp_path / "o"
+    trainer = _build(tiny_llama, out, hh_small, "--save_strategy", "steps", "--save_steps", "2", "--hub_token", TOKEN)
+    assert trainer.args.hub_token == TOKEN
+    seen: list[tuple[str, bool]] = []
+    save_rng = trainer._save_rng_state
+
+    def spy(output_dir: str) -> None:
+        # Mid-save: files go to staging and checkpoint-N must not exist yet.
+        seen.append((Path(output_dir).parent.name, (out / Path(output_dir).name).exists()))
+        save_rng(output_dir)
+
+    trainer._save_rng_state = spy
+    trainer.train()
+    assert seen == [("tmp-checkpoint-2", False), ("tmp-checkpoint-4", False)]
+    trainer.save_model(str(out))
+    assert trainer.args.hub_token == TOKEN, "the token must stay usable in memory"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint", "tmp-"))) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+    assert (out / "checkpoint-4" / "training_args.bin").is_file() and (out / "training_args.bin").is_file()
+    leaks = [p for p in out.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    assert not leaks, f"token written to {leaks}"
+
+    assert last_good_checkpoint(out) == str(out / "checkpoint-4")
+    adapter = out / "checkpoint-4" / "adapter_model.safetensors"
+    data = adapter.read_bytes()
+    adapter.write_bytes(data[: len(data) // 2])
+    with caplog.at_level(logging.WARNING, logger="qrm"):
+        assert last_good_checkpoint(out) == str(out / "checkpoint-2")
+    assert any("checkpoint-4" in r.message and "adapter_model.safetensors" in r.message for r in caplog.records)
