@@ -6,7 +6,7 @@ import json
 import os
 import platform
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,9 @@ class TrainingArguments(RewardConfig):
 
 # Fields that may carry a Hub credential: never written anywhere.
 SECRET_KEYS = frozenset({"hub_token", "push_to_hub_token", "hf_token", "token"})
+
+# Set from the machine a run happened on (use_cpu is forced on CPU-only hosts): not part of the recipe.
+MACHINE_KEYS = frozenset({"use_cpu", "local_rank", "logging_dir"})
 
 RECIPE_DATACLASSES = (ModelArguments, LoraArguments, DataArguments, TrainingArguments)
 
@@ -232,20 +235,14 @@ def _recipe_fields_only(configs: dict[str, Any]) -> dict[str, Any]:
     defaults = {}
     for cls in RECIPE_DATACLASSES:
         for f in fields(cls):
-            if not f.init:
-                continue
-            if f.default_factory is not None and f.default_factory is not dataclass:  # type: ignore[comparison-overlap]
-                try:
-                    defaults[f.name] = f.default_factory()
-                except TypeError:
-                    pass
-            else:
-                defaults[f.name] = f.default
+            if f.init:
+                defaults[f.name] = f.default_factory() if f.default_factory is not MISSING else f.default
     return {
         k: v
         for k, v in configs.items()
         if k in known
         and k not in SECRET_KEYS
+        and k not in MACHINE_KEYS
         and v != defaults.get(k, object())
         and isinstance(v, (str, int, float, bool, list, dict))
     }

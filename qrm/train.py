@@ -234,10 +234,8 @@ def _write_eval(
     out: Path, rows: list[dict], chosen: list[float], rejected: list[float], tokenizer: Any, metrics: dict
 ) -> None:
     """The same report `qrm eval` writes, for the end-of-training evaluation."""
-    try:
-        from .evaluate import write_report
-    except ImportError:  # pragma: no cover - evaluation report arrives with its module
-        return
+    from .evaluate import write_report
+
     clen = [len(r["chosen_ids"]) - r["prompt_len"] for r in rows]
     rlen = [len(r["rejected_ids"]) - r["prompt_len"] for r in rows]
     report = write_report(out / "eval", chosen, rejected, clen, rlen, title="end-of-training evaluation")
