@@ -176,14 +176,15 @@ def train(
         chosen, rejected = score_pair_rows(
             trainer.model, prepared.eval, tokenizer.pad_token_id, targs.per_device_eval_batch_size
         )
-        margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
-        metrics["eval_pairs"] = len(margins)
-        metrics["eval_accuracy"] = sum(m > 0 for m in margins) / len(margins)
-        metrics["eval_mean_margin"] = sum(margins) / len(margins)
-        # Bradley-Terry loss, -log sigmoid(margin), written stably.
-        metrics["eval_loss"] = sum(max(-m, 0.0) + math.log1p(math.exp(-abs(m))) for m in margins) / len(margins)
+        # The same metrics `qrm eval` reports (ties count 0.5); the main process also writes the report and plots.
+        report = _eval_report(out if _is_main() else None, prepared.eval, chosen, rejected)
+        metrics["eval_pairs"] = report["n_pairs"]
+        metrics["eval_accuracy"] = report["accuracy"]
+        metrics["eval_mean_margin"] = report["mean_margin"]
+        metrics["eval_loss"] = report["bt_loss"]
+        for key in ("ece", "accuracy_ci95", "length_reward_spearman", "temperature"):
+            metrics[f"eval_{key}"] = report[key]
         if _is_main():
-            _write_eval(out, prepared.eval, chosen, rejected, tokenizer, metrics)
             _save_verify_pairs(out, prepared.eval[: targs.verify_pairs], chosen, rejected)
 
     from .distributed import save_adapter
@@ -230,18 +231,15 @@ def _save_verify_pairs(out: Path, rows: list[dict], chosen: list[float], rejecte
             f.write(json.dumps(rec) + "\n")
 
 
-def _write_eval(
-    out: Path, rows: list[dict], chosen: list[float], rejected: list[float], tokenizer: Any, metrics: dict
-) -> None:
-    """The same report `qrm eval` writes, for the end-of-training evaluation."""
-    from .evaluate import write_report
+def _eval_report(out: Path | None, rows: list[dict], chosen: list[float], rejected: list[float]) -> dict[str, Any]:
+    """Pair metrics of the end-of-training evaluation; with `out`, also the report `qrm eval` writes."""
+    from .evaluate import pair_metrics, write_report
 
     clen = [len(r["chosen_ids"]) - r["prompt_len"] for r in rows]
     rlen = [len(r["rejected_ids"]) - r["prompt_len"] for r in rows]
-    report = write_report(out / "eval", chosen, rejected, clen, rlen, title="end-of-training evaluation")
-    for key in ("ece", "accuracy_ci95", "length_reward_spearman", "temperature"):
-        if key in report:
-            metrics[f"eval_{key}"] = report[key]
+    if out is None:
+        return pair_metrics(chosen, rejected, clen, rlen)
+    return write_report(out / "eval", chosen, rejected, clen, rlen, title="end-of-training evaluation")
 
 
 def main(argv: list[str] | None = None) -> int:
