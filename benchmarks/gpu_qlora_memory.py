@@ -117,6 +117,7 @@ def run_recipe(recipe: Path, args: argparse.Namespace, work: Path) -> dict[str, 
     from qrm.config import library_versions, parse_recipe
     from qrm.distributed import detect_launch
     from qrm.model import choose_attention
+    from qrm.packing import PAIR_BLOCKS
     from qrm.plan import plan
     from qrm.train import build_trainer
 
@@ -126,6 +127,8 @@ def run_recipe(recipe: Path, args: argparse.Namespace, work: Path) -> dict[str, 
     data = write_pairs(run_dir / "pairs.jsonl", args.steps * args.batch + 1, args.max_length)
     shared = ["--per_device_train_batch_size", str(args.batch), "--gradient_accumulation_steps", "1"]
     shared += ["--max_length", str(args.max_length), "--activation_checkpointing", "true"]
+    # The planner sizes the worst case, 2 x batch x max_length tokens with nothing shared: measure that case.
+    shared += ["--prefix_sharing", "false"]
     own = ["--max_steps", str(args.steps), "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "10"]
     own += ["--report_to", "none", "--output_dir", str(run_dir / "out")]
     margs, largs, dargs, targs = parse_recipe(["--recipe", str(recipe), *shared, *own])
@@ -148,6 +151,7 @@ def run_recipe(recipe: Path, args: argparse.Namespace, work: Path) -> dict[str, 
             mem["load_peak_allocated"], mem["load_peak_reserved"] = tc.max_memory_allocated(), tc.max_memory_reserved()
             tc.reset_peak_memory_stats()
         attn = getattr(trainer.model.config, "_attn_implementation", attn)
+        attn = "sdpa" if attn == PAIR_BLOCKS else attn  # sdpa called once per packed sequence: sdpa's memory
         trainer.add_callback(step_timer(cuda, times))
         loss, t2 = trainer.train().training_loss, time.perf_counter()
     except torch.OutOfMemoryError as e:  # with --cap-gib: the answer is "does not fit"

@@ -12,6 +12,7 @@ COMMANDS = {
     "merge": ("qrm.export", "merge the adapter into a standalone model and verify it"),
     "score": ("qrm.export", "score (prompt, response) rows or pairs with a model"),
     "push": ("qrm.hub", "push a model or adapter to the Hugging Face Hub"),
+    "bench": ("qrm.bench", "time qrm against TRL's RewardTrainer on the same model and data"),
 }
 
 

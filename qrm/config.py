@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import sys
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,31 @@ class TrainingArguments(RewardConfig):
     verify_pairs: int = field(
         default=64, metadata={"help": "Held-out pairs saved beside the adapter, to verify exports against."}
     )
+    packing: bool = field(
+        default=True,
+        metadata={
+            "help": "Pack each batch's chosen and rejected sequences into one row without padding (decoders with "
+            "sdpa/eager/flash attention; others fall back to padded batches, logged)."
+        },
+    )
+    prefix_sharing: bool = field(
+        default=True,
+        metadata={
+            "help": "With packing, on decoders: compute each pair's prompt once; both responses attend to it and "
+            "not to each other (needs sdpa or eager attention)."
+        },
+    )
+    resume: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: continue from the newest complete checkpoint in output_dir (damaged ones skipped); "
+            "never: start afresh; or the path of a checkpoint directory (resume_from_checkpoint is the same)."
+        },
+    )
+    resume_force: bool = field(
+        default=False,
+        metadata={"help": "Resume even when the checkpoint was trained with a recipe or data that differ."},
+    )
 
 
 # Fields that may carry a Hub credential: never written anywhere.
@@ -110,6 +137,10 @@ SECRET_KEYS = frozenset({"hub_token", "push_to_hub_token", "hf_token", "token"})
 
 # Set from the machine a run happened on (use_cpu is forced on CPU-only hosts): not part of the recipe.
 MACHINE_KEYS = frozenset({"use_cpu", "local_rank", "logging_dir"})
+
+# How one invocation continues (or not) from checkpoints: not part of what the recipe trains, and a re-run of a
+# resolved recipe must not inherit a forced resume.
+RUN_CONTROL_KEYS = frozenset({"resume", "resume_force", "resume_from_checkpoint"})
 
 RECIPE_DATACLASSES = (ModelArguments, LoraArguments, DataArguments, TrainingArguments)
 
@@ -214,35 +245,115 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def qrm_git() -> dict[str, Any] | None:
+    """Commit of the git checkout qrm runs from, and whether tracked files differ from it; None when unknown."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    # No optional locks: reading the status must never take the index lock of a checkout someone works in.
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+
+    def git(*args: str) -> str:
+        res = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, env=env)
+        res.check_returncode()
+        return res.stdout.strip()
+
+    try:
+        # An installed wheel inside some other repository (a venv in a project) must not report that repo's commit.
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return None
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def data_fingerprint(train_rows: list[dict[str, Any]], sources: Sequence[str | None] = ()) -> dict[str, Any]:
+    """sha256 of the tokenized training pairs in training order, and of each local source file (None: hub id)."""
+    h = hashlib.sha256()
+    for row in train_rows:
+        # The ids and margin are what the loss sees; text columns and row numbers are not.
+        h.update(json.dumps([row["chosen_ids"], row["rejected_ids"], row.get("margin")]).encode() + b"\n")
+    files: dict[str, str | None] = {}
+    for src in sources:
+        if not src:
+            continue
+        path = Path(src)
+        if path.is_file():
+            files[src] = _sha256_file(path)
+        elif path.is_dir():
+            d = hashlib.sha256()
+            for p in sorted(q for q in path.rglob("*") if q.is_file()):
+                d.update(f"{p.relative_to(path).as_posix()} {_sha256_file(p)}\n".encode())
+            files[src] = d.hexdigest()
+        else:
+            files[src] = None
+    return {"train_pairs": len(train_rows), "train_pairs_sha256": h.hexdigest(), "source_sha256": files}
+
+
+RECIPE_HEADER = "# Resolved recipe written by qrm; rerun with: qrm train --recipe <this file>\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A run killed mid-write must leave the previous file, never half of a new one.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_provenance(
-    output_dir: str | os.PathLike, configs: dict[str, Any], extra: dict[str, Any] | None = None
+    output_dir: str | os.PathLike,
+    configs: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    *,
+    train_rows: list[dict[str, Any]] | None = None,
+    sources: Sequence[str | None] = (),
 ) -> None:
-    """Write the resolved recipe (YAML, re-runnable) and library versions into `output_dir`."""
+    """Write the resolved recipe (YAML, re-runnable) to `qrm_recipe.yaml`, and library versions, qrm's git commit
+    and (given `train_rows`) the training data's fingerprint to `qrm_versions.json`, in `output_dir`."""
     import yaml
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "qrm_recipe.yaml", "w") as f:
-        f.write("# Resolved recipe written by qrm; rerun with: qrm train --recipe <this file>\n")
-        yaml.safe_dump(_recipe_fields_only(configs), f, sort_keys=True)
-    info = {"versions": library_versions(), **(extra or {})}
-    (out / "qrm_versions.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    recipe = yaml.safe_dump(_recipe_fields_only(configs), sort_keys=True)
+    _write_atomic(out / "qrm_recipe.yaml", RECIPE_HEADER + recipe)
+    info: dict[str, Any] = {"versions": library_versions(), "qrm_git": qrm_git()}
+    if train_rows is not None:
+        info["data_fingerprint"] = data_fingerprint(train_rows, list(sources))
+    info.update(extra or {})
+    _write_atomic(out / "qrm_versions.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
-def _recipe_fields_only(configs: dict[str, Any]) -> dict[str, Any]:
-    # Only keys a recipe may set, and not ones that are at their dataclass default, so the file re-parses cleanly.
-    known = _field_names()
+def recipe_defaults() -> dict[str, Any]:
+    """Every recipe field's dataclass default (a resolved recipe file leaves these out)."""
     defaults = {}
     for cls in RECIPE_DATACLASSES:
         for f in fields(cls):
             if f.init:
                 defaults[f.name] = f.default_factory() if f.default_factory is not MISSING else f.default
+    return defaults
+
+
+def _recipe_fields_only(configs: dict[str, Any]) -> dict[str, Any]:
+    # Only keys a recipe may set, and not ones that are at their dataclass default, so the file re-parses cleanly.
+    known = _field_names()
+    defaults = recipe_defaults()
     return {
         k: v
         for k, v in configs.items()
         if k in known
         and k not in SECRET_KEYS
         and k not in MACHINE_KEYS
+        and k not in RUN_CONTROL_KEYS
         and v != defaults.get(k, object())
         and isinstance(v, (str, int, float, bool, list, dict))
     }

@@ -59,12 +59,21 @@ def load_tokenizer(args: ModelArguments, trust_remote_code: bool = False) -> Any
     return tok
 
 
-def choose_attention(requested: str) -> str:
-    """flash_attention_2 when flash-attn is importable and CUDA is there, else sdpa."""
+def choose_attention(requested: str, config: Any = None) -> str:
+    """flash_attention_2 when flash-attn is importable and CUDA is there, else sdpa; eager for an architecture that
+    supports neither (Gemma-2's logit soft-capping)."""
     if requested != "auto":
         return requested
+    cls = None
+    if config is not None:
+        from transformers import AutoModelForSequenceClassification
+
+        cls = AutoModelForSequenceClassification._model_mapping.get(type(config), None)
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
+        if cls is None or getattr(cls, "_supports_flash_attn", False):
+            return "flash_attention_2"
+    if cls is not None and not getattr(cls, "_supports_sdpa", True):
+        return "eager"
     return "sdpa"
 
 
@@ -128,7 +137,7 @@ def load_base(
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
     heads = margs.head_modules or head_module_names(config)
-    attn = choose_attention(margs.attn_implementation)
+    attn = choose_attention(margs.attn_implementation, config)
     logger.info("attention implementation: %s; score head modules: %s", attn, heads)
     kwargs: dict[str, Any] = {}
     if margs.load_in_4bit:

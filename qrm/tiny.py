@@ -37,15 +37,18 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512) -> Any:
     )
 
 
-def shrink_config(config: Any, vocab_size: int, hidden: int = 64, layers: int = 2) -> Any:
-    """Same architecture class, tiny shapes: `layers` layers, `hidden` width, small MLP and vocab."""
+def shrink_config(
+    config: Any, vocab_size: int, hidden: int = 64, layers: int = 2, intermediate: int | None = None
+) -> Any:
+    """Same architecture class, tiny shapes: `layers` layers, `hidden` width, small MLP (2 x hidden unless
+    `intermediate`) and vocab."""
     heads = 4
     updates = {
         "hidden_size": hidden,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": 2 if getattr(config, "num_key_value_heads", None) else None,
-        "intermediate_size": hidden * 2,
+        "intermediate_size": intermediate or hidden * 2,
         "vocab_size": vocab_size,
         "head_dim": hidden // heads if hasattr(config, "head_dim") else None,
         "max_position_embeddings": 2048,
@@ -63,14 +66,24 @@ def shrink_config(config: Any, vocab_size: int, hidden: int = 64, layers: int = 
     return config
 
 
-def build_tiny_model(out_dir: str | Path, config: Any, texts: list[str], seed: int = 0, vocab_size: int = 512) -> Path:
-    """Save a random-init model of `config`'s architecture (shrunk) plus a trained tokenizer to `out_dir`."""
+def build_tiny_model(
+    out_dir: str | Path,
+    config: Any,
+    texts: list[str],
+    seed: int = 0,
+    vocab_size: int = 512,
+    hidden: int = 64,
+    layers: int = 2,
+    intermediate: int | None = None,
+) -> Path:
+    """Save a random-init model of `config`'s architecture (shrunk to `hidden` x `layers`) plus a trained tokenizer
+    to `out_dir`."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     out = Path(out_dir)
     tok = train_tokenizer(texts, vocab_size=vocab_size)
-    cfg = shrink_config(config, vocab_size=len(tok))
+    cfg = shrink_config(config, vocab_size=len(tok), hidden=hidden, layers=layers, intermediate=intermediate)
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     cfg.num_labels = 1
     torch.manual_seed(seed)

@@ -36,6 +36,7 @@ def _sharded(targs: TrainingArguments) -> bool:
 def _trainer_class() -> type:
     from trl import RewardTrainer
 
+    from . import packing
     from .reliability import ReliabilityMixin
 
     class QrmRewardTrainer(ReliabilityMixin, RewardTrainer):
@@ -48,7 +49,50 @@ def _trainer_class() -> type:
                 # TRL's collator ignores keys it does not know, so the extra column is harmless there.
                 self._signature_columns = [*self._signature_columns, "length"]
 
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            """TRL's loss and metrics; batches from `PairPackingCollator` go through the packed forward."""
+            if packing.INDEX_KEY not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return _packed_loss(self, model, inputs, return_outputs)
+
     return QrmRewardTrainer
+
+
+def _packed_loss(trainer: Any, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+    """Bradley-Terry loss on a packed batch, with the metrics TRL's `compute_loss` logs (same names, same maths)."""
+    import torch
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from .packing import TOKENS_KEY, head_module, packed_rewards
+
+    mode = "train" if trainer.model.training else "eval"
+    if not hasattr(trainer, "_qrm_head"):
+        trainer._qrm_head = head_module(trainer.accelerator.unwrap_model(trainer.model))
+    rewards = packed_rewards(model, trainer._qrm_head, inputs)
+    chosen, rejected = rewards.chunk(2)
+    diff = chosen - rejected
+    if "margin" in inputs:
+        diff = diff - inputs["margin"]
+    loss = -torch.nn.functional.logsigmoid(diff).mean()
+    if trainer.args.center_rewards_coefficient is not None:
+        loss = loss + trainer.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+
+    acc, metrics = trainer.accelerator, trainer._metrics[mode]
+    if mode == "train":
+        trainer._total_train_tokens += acc.gather_for_metrics(inputs[TOKENS_KEY]).sum().item() // trainer._tp_size
+    metrics["num_tokens"] = [trainer._total_train_tokens]
+    with torch.no_grad():
+        everything = acc.gather(rewards.detach())
+        metrics["min_reward"].append(everything.min().item())
+        metrics["mean_reward"].append(everything.mean().item())
+        metrics["max_reward"].append(everything.max().item())
+        metrics["accuracy"].append(acc.gather_for_metrics((chosen > rejected).float().mean()).mean().item())
+        metrics["margin"].append(acc.gather_for_metrics((chosen - rejected).mean().detach()).mean().item())
+    if not return_outputs:
+        return loss
+    return loss, SequenceClassifierOutput(logits=rewards.detach()[:, None])
 
 
 def build_trainer(
@@ -89,7 +133,13 @@ def build_trainer(
     out = Path(targs.output_dir)
     resolved = to_dict(margs, largs, dargs, targs)
     if _is_main():
-        write_provenance(out, resolved, extra={"data": [r.as_dict() for r in prepared.reports]})
+        write_provenance(
+            out,
+            resolved,
+            extra={"data": [r.as_dict() for r in prepared.reports]},
+            train_rows=prepared.train,
+            sources=[dargs.dataset, dargs.eval_dataset],
+        )
         (out / "data_report.json").write_text(json.dumps([r.as_dict() for r in prepared.reports], indent=2) + "\n")
 
     model = load_model(
@@ -133,6 +183,7 @@ def build_trainer(
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
+        data_collator=_collator(model, targs),
     )
     if fp32_trainables:
         # TRL casts trainable weights to bf16 for quantized models (trl/trainer/reward_trainer.py). With an fp32
@@ -148,11 +199,37 @@ def build_trainer(
     return trainer, prepared
 
 
+def _collator(model: Any, targs: TrainingArguments) -> Any:
+    """qrm's packing collator when the recipe asks for it and the model supports it; None keeps TRL's padding."""
+    from .packing import PairPackingCollator, is_encoder, support, use_pair_blocks
+
+    if not targs.packing:
+        logger.info("packing off: TRL's padded batches")
+        return None
+    can_pack, can_share, why = support(model)
+    if not can_pack:
+        logger.info("packing off (%s): TRL's padded batches", why)
+        return None
+    share = targs.prefix_sharing and can_share
+    if targs.prefix_sharing and not can_share:
+        logger.info("prefix sharing off (%s): packing only", why)
+    blocks = use_pair_blocks(model)
+    logger.info(
+        "packing pairs without padding%s%s",
+        ", shared prefix computed once" if share else "",
+        ", attention per pair (sdpa)" if blocks else "",
+    )
+    return PairPackingCollator(
+        prefix_sharing=share, pad_to_multiple_of=targs.pad_to_multiple_of, read_first=is_encoder(model)
+    )
+
+
 def train(
     margs: ModelArguments, largs: LoraArguments, dargs: DataArguments, targs: TrainingArguments
 ) -> dict[str, Any]:
     """Train a reward model as the recipe says and write everything into `targs.output_dir`; returns metrics."""
     from .model import count_parameters
+    from .packing import restore_attention
     from .score import score_pair_rows
 
     trainer, prepared = build_trainer(margs, largs, dargs, targs)
@@ -163,6 +240,7 @@ def train(
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=_resume_arg(targs))
     train_seconds = time.time() - t0
+    restore_attention(trainer.model)  # the per-pair sdpa kernel is a training-time detail; save and score as sdpa
 
     metrics: dict[str, Any] = {
         "train_loss": result.training_loss,
@@ -204,22 +282,20 @@ def train(
 
 
 def _resume_arg(targs: TrainingArguments) -> Any:
-    """An explicit checkpoint, else the newest complete one in output_dir (damaged ones skipped, with a reason)."""
-    from .reliability import last_good_checkpoint
+    """The checkpoint `resume` names (auto: the newest complete one in output_dir, damaged ones skipped with a
+    reason; never: None), refused with a RecipeError when it was trained with a recipe or data that differ."""
+    from .reliability import resume_checkpoint
 
-    if targs.resume_from_checkpoint:
-        return targs.resume_from_checkpoint
-    if not os.path.isdir(targs.output_dir):
-        return None
-    last = last_good_checkpoint(targs.output_dir, require_optimizer=not targs.save_only_model)
-    if last:
-        logger.info("resuming from %s", last)
-    return last
+    return resume_checkpoint(targs)
 
 
-def _finite(d: dict[str, Any]) -> dict[str, Any]:
-    # JSON has no NaN; write null and keep the key, never a silent 0.0.
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+def _finite(d: Any) -> Any:
+    # JSON has no NaN; write null and keep the key, never a silent 0.0. Nested dicts and lists too.
+    if isinstance(d, dict):
+        return {k: _finite(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_finite(v) for v in d]
+    return None if isinstance(d, float) and not math.isfinite(d) else d
 
 
 def _save_verify_pairs(out: Path, rows: list[dict], chosen: list[float], rejected: list[float]) -> None:
@@ -243,17 +319,25 @@ def _eval_report(out: Path | None, rows: list[dict], chosen: list[float], reject
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`qrm train` and `scripts/train.py`: parse the recipe, train, print where the model went."""
+    """`qrm train` and `scripts/train.py`: parse the recipe, train, print where the model went.
+
+    Exit codes: 0 trained; 2 recipe or data error (also a refused resume); 3 a NaN/Inf loss or gradient stopped the
+    run before the optimizer step (the last good checkpoint is kept); 4 preempted: SIGTERM or SIGUSR1 saved a
+    checkpoint at the next step boundary, and rerunning the same command resumes from it exactly.
+    """
     from .config import RecipeError, parse_recipe
     from .data import DataError
-    from .reliability import NonFiniteError
+    from .reliability import NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteError, Preempted
 
     try:
         margs, largs, dargs, targs = parse_recipe(argv)
         train(margs, largs, dargs, targs)
+    except Preempted as e:
+        print(f"qrm: preempted: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except NonFiniteError as e:
         print(f"qrm: error: {e}; the last good checkpoint in the output dir is kept", file=sys.stderr)
-        return 3
+        return NONFINITE_EXIT
     except (RecipeError, DataError) as e:
         print(f"qrm: error: {e}", file=sys.stderr)
         return 2

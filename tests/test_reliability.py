@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -128,7 +129,9 @@ def test_atomic_checkpoints_no_token_and_damaged_newest_is_skipped(
         "checkpoint-2",
         "checkpoint-4",
     ]
-    assert (out / "checkpoint-4" / "training_args.bin").is_file() and (out / "training_args.bin").is_file()
+    # The Trainer's pickled arguments are replaced by JSON (never read back on resume).
+    assert (out / "checkpoint-4" / "training_args.json").is_file() and (out / "training_args.json").is_file()
+    assert not list(out.rglob("training_args.bin"))
     leaks = [p for p in out.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
     assert not leaks, f"token written to {leaks}"
 
@@ -139,3 +142,57 @@ def test_atomic_checkpoints_no_token_and_damaged_newest_is_skipped(
     with caplog.at_level(logging.WARNING, logger="qrm"):
         assert last_good_checkpoint(out) == str(out / "checkpoint-2")
     assert any("checkpoint-4" in r.message and "adapter_model.safetensors" in r.message for r in caplog.records)
+
+
+def test_no_secret_in_any_byte_no_pickle_and_no_remote_code(
+    reliable, tiny_llama, hh_small, tmp_path, monkeypatch, capfd
+):
+    """A full run (checkpoints, per-step logging and evaluation, final reports) with a token in HF_TOKEN, another
+    in the login file and a third as `hub_token` in the recipe: none reaches any file under output_dir or the log."""
+    import huggingface_hub.constants
+    import transformers
+
+    env_token, login_token = TOKEN.replace("FAKE", "ENVV"), TOKEN.replace("FAKE", "LOGN")
+    monkeypatch.setenv("HF_TOKEN", env_token)
+    login = tmp_path / "hf" / "token"
+    login.parent.mkdir()
+    login.write_text(login_token)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(login))
+    remote_code: list[tuple[str, Any]] = []
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForSequenceClassification):
+
+        def spy(*args: Any, _load: Any = cls.from_pretrained, _name: str = cls.__name__, **kwargs: Any) -> Any:
+            remote_code.append((_name, kwargs.get("trust_remote_code")))
+            return _load(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+
+    out = tmp_path / "o"
+    argv = _recipe(
+        tiny_llama, out, hh_small, "--max_steps", "2", "--bnb_4bit_compute_dtype", "float32", "--hub_token", TOKEN,
+        "--save_strategy", "steps", "--save_steps", "1", "--eval_fraction", "0.25", "--eval_strategy", "steps",
+        "--eval_steps", "1",
+    )  # fmt: skip
+    assert qtrain.main(argv) == 0
+    files = [p for p in out.rglob("*") if p.is_file()]
+    names = {p.relative_to(out).as_posix() for p in files}
+    for must in ("checkpoint-2/trainer_state.json", "checkpoint-2/rng_state.pth", "checkpoint-2/qrm_recipe.yaml",
+                 "checkpoint-2/training_args.json", "qrm_versions.json", "metrics.json", "eval/report.md", "README.md"):  # fmt: skip
+        assert must in names, f"{must} not written, so not searched: {sorted(names)}"
+    history = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    assert any("eval_loss" in h for h in history) and any("loss" in h for h in history)
+    for token in (TOKEN, env_token, login_token):
+        leaks = [p.relative_to(out).as_posix() for p in files if token.encode() in p.read_bytes()]
+        assert not leaks, f"token written to {leaks}"
+    logged = capfd.readouterr()
+    assert not any(t in logged.out + logged.err for t in (TOKEN, env_token, login_token)), "token in the log"
+    pickles = sorted(n for n in names if n.endswith((".bin", ".pkl", ".pickle")))
+    assert not pickles, f"pickles written: {pickles}"  # weights are safetensors; optimizer/rng .pt load weights_only
+
+    assert {name for name, _ in remote_code} == {"AutoConfig", "AutoTokenizer", "AutoModelForSequenceClassification"}
+    assert all(flag is False for _, flag in remote_code), remote_code
+
+
+def test_finite_nulls_nested_nan_and_inf() -> None:
+    nested = {"a": math.nan, "b": {"c": math.inf, "d": [1.0, -math.inf]}, "e": 2, "f": "x"}
+    assert qtrain._finite(nested) == {"a": None, "b": {"c": None, "d": [1.0, None]}, "e": 2, "f": "x"}
