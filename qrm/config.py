@@ -269,7 +269,8 @@ def qrm_git() -> dict[str, Any] | None:
     return {"commit": commit, "dirty": dirty}
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -289,11 +290,11 @@ def data_fingerprint(train_rows: list[dict[str, Any]], sources: Sequence[str | N
             continue
         path = Path(src)
         if path.is_file():
-            files[src] = _sha256_file(path)
+            files[src] = sha256_file(path)
         elif path.is_dir():
             d = hashlib.sha256()
             for p in sorted(q for q in path.rglob("*") if q.is_file()):
-                d.update(f"{p.relative_to(path).as_posix()} {_sha256_file(p)}\n".encode())
+                d.update(f"{p.relative_to(path).as_posix()} {sha256_file(p)}\n".encode())
             files[src] = d.hexdigest()
         else:
             files[src] = None

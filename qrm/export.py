@@ -87,6 +87,7 @@ def merge(
     when the export does not reproduce the trained model's pairwise decisions."""
     import torch
 
+    from .config import sha256_file
     from .score import load_adapter_model, read_recipe, score_pair_rows
 
     if method not in METHODS:
@@ -130,7 +131,7 @@ def merge(
             "method": None if adapter_only else method,
             "dtype": None if adapter_only else dtype,
             "adapter": adapter.name,
-            "adapter_sha256": _sha256(adapter / "adapter_model.safetensors"),
+            "adapter_sha256": sha256_file(adapter / "adapter_model.safetensors"),
             "base_model": margs.model_name_or_path,
             "base_revision": margs.model_revision,
             "architecture": type(inner).__name__,
@@ -211,16 +212,6 @@ def _check_out(out: Path, adapter: Path, force: bool) -> None:
         raise ExportError(f"--out {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"--out {out} is not empty; pass --force to replace its contents")
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _verification_pairs(

@@ -270,3 +270,31 @@ def test_encoder_training_packs(hh_small, tmp_path) -> None:
     assert type(collator).__name__ == "PairPackingCollator" and collator.read_first and not collator.prefix_sharing
     trainer.train()
     assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_packed_loss_equals_trl_loss_with_margin_and_centering(tiny_llama, hh_small, tmp_path) -> None:
+    """The packed `compute_loss` against TRL's own on the same batch: margins and center_rewards_coefficient."""
+    args = parse_recipe(
+        [
+            *_recipe(tiny_llama, tmp_path / "o", hh_small, "--max_steps", "1", "--bnb_4bit_compute_dtype", "float32"),
+            *("--lora_dropout", "0.0", "--center_rewards_coefficient", "0.01"),
+        ]
+    )
+    trainer, _ = build_trainer(*args)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    rows = [dict(trainer.train_dataset[i], margin=0.5 * i) for i in range(6)]
+    trl_batch = DataCollatorForPreference(pad_token_id=trainer.processing_class.pad_token_id)(rows)
+    packed_batch = trainer.data_collator(rows)
+    trainer.model.eval()  # metrics go to the eval bucket; no token counting
+    with torch.no_grad():
+        ref = trainer.compute_loss(trainer.model, trl_batch)  # no packed keys: TRL's compute_loss
+        got = trainer.compute_loss(trainer.model, packed_batch)
+        no_margin = trainer.compute_loss(trainer.model, {k: v for k, v in packed_batch.items() if k != "margin"})
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert abs(no_margin.item() - got.item()) > 1e-3, "the margin did not reach the packed loss"
+    metrics = trainer._metrics["eval"]
+    assert metrics["accuracy"][0] == pytest.approx(metrics["accuracy"][1])
+    assert metrics["margin"][0] == pytest.approx(metrics["margin"][1], rel=1e-5)
