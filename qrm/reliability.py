@@ -459,6 +459,9 @@ RESUMABLE_CHANGES = frozenset(
         "max_steps",
         "skip_nonfinite_steps",
         "verify_pairs",
+        # The data layout of a step, not its maths: packed and padded steps give the same rewards and gradients.
+        "packing",
+        "prefix_sharing",
         "logging_strategy",
         "logging_steps",
         "logging_first_step",

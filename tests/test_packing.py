@@ -298,3 +298,10 @@ def test_packed_loss_equals_trl_loss_with_margin_and_centering(tiny_llama, hh_sm
     metrics = trainer._metrics["eval"]
     assert metrics["accuracy"][0] == pytest.approx(metrics["accuracy"][1])
     assert metrics["margin"][0] == pytest.approx(metrics["margin"][1], rel=1e-5)
+
+
+def test_switching_packing_does_not_block_resume() -> None:
+    from qrm.reliability import recipe_changes
+
+    assert recipe_changes({"packing": True, "prefix_sharing": True}, {"packing": False, "prefix_sharing": False}) == []
+    assert [c[0] for c in recipe_changes({"learning_rate": 1e-4}, {"learning_rate": 2e-4})] == ["learning_rate"]
