@@ -115,7 +115,7 @@ def run_recipe(recipe: Path, args: argparse.Namespace, work: Path) -> dict[str, 
     import torch
 
     from qrm.config import library_versions, parse_recipe
-    from qrm.distributed import detect_launch
+    from qrm.distributed import effective_launch
     from qrm.model import choose_attention
     from qrm.packing import PAIR_BLOCKS
     from qrm.plan import plan
@@ -134,7 +134,8 @@ def run_recipe(recipe: Path, args: argparse.Namespace, work: Path) -> dict[str, 
     margs, largs, dargs, targs = parse_recipe(["--recipe", str(recipe), *shared, *own])
     margs.model_name_or_path = str(model_dir)
     dargs.dataset, dargs.dataset_format, dargs.eval_dataset, dargs.eval_fraction = str(data), "explicit", None, 0.0
-    launch, attn = detect_launch(targs), choose_attention(margs.attn_implementation)  # what load_base will pick
+    # what load_base will pick; an FSDP launch on CPU-only processes runs unsharded (warned once)
+    launch, attn = effective_launch(targs), choose_attention(margs.attn_implementation)
     fsdp, overrides = launch.sharding == "fsdp", [*shared, "--attn_implementation", attn]
     p = plan(recipe, gpu_memory_gb=GOAL_GIB, fsdp=fsdp, overrides=overrides)
     if cuda and args.cap_gib:
@@ -192,12 +193,26 @@ def run_recipe(recipe: Path, args: argparse.Namespace, work: Path) -> dict[str, 
     res["goal"]["met"] = None if not cuda else mem["oom"] is None and mem["device_peak"] <= GOAL_GIB
     res["settings"].update(tokens_per_step=tokens, attention=attn, tiny=args.tiny, cap_gib=args.cap_gib)
     res["timing"].update(step_time_s=step_s, step_times_s=times, tokens_per_s=step_s and tokens / step_s)
+    res["mfu"] = mfu(recipe, largs, res)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"{res['recipe_id']}-{''.join(c if c.isalnum() else '-' for c in device.lower())}.json"
     path.write_text(json.dumps(res, indent=2) + "\n")
     print(format_result(res) + f"\nwrote {path}", flush=True)
     shutil.rmtree(model_dir, ignore_errors=True)  # 26 GB for 13B: free the disk before the next recipe
     return res
+
+
+def mfu(recipe: Path, largs: Any, res: dict[str, Any]) -> dict[str, Any]:
+    """Model FLOPs utilisation with `qrm bench`'s count (4 N_linear + 6 N_lora + 3 L d_attn s per token) at the
+    recipe's REAL shapes over the device's dense bf16 peak; None where the peak is unknown (CPU)."""
+    from qrm.bench import flops_per_token, model_flops, peak_bf16_flops
+
+    shape = model_flops(str(recipe.parent), largs.lora_r, largs.lora_target_modules)
+    per_token = flops_per_token(shape, res["settings"]["max_length"])
+    tokens_s, peak = res["timing"]["tokens_per_s"], peak_bf16_flops(res["device"])
+    achieved = tokens_s * per_token if tokens_s and not res["settings"]["tiny"] else None
+    return {"flops_per_token": per_token, "achieved_flops": achieved, "peak_bf16_flops": peak,
+            "mfu": achieved / peak if achieved and peak else None}  # fmt: skip
 
 
 def format_result(res: dict[str, Any]) -> str:
@@ -212,6 +227,8 @@ def format_result(res: dict[str, Any]) -> str:
     out += [f"  OUT OF MEMORY (allocator cap {s['cap_gib']} GiB): {oom}"] if oom else []
     if t["step_time_s"]:
         out.append(f"  step {t['step_time_s']:.3f} s (median), {t['tokens_per_s']:,.0f} tokens/s")
+    if res.get("mfu", {}).get("mfu") is not None:
+        out.append(f"  MFU {res['mfu']['mfu']:.1%} of {res['mfu']['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16")
     verdict = "not measured (no CUDA)" if g["met"] is None else ("MET" if g["met"] else "NOT MET")
     fits = "fits" if g["planner_fits"] else "does not fit"
     out.append(f"  goal, {g['statement']}: {verdict}{'' if g['applies'] else ' [not this setting]'}; planner: {fits}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["RewardModel", "__version__"]
+__all__ = ["RewardModel", "__version__", "reward_function"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,8 @@ def __getattr__(name: str):
         from .score import RewardModel
 
         return RewardModel
+    if name == "reward_function":
+        from .score import reward_function
+
+        return reward_function
     raise AttributeError(name)

@@ -36,6 +36,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -737,6 +738,8 @@ def run_benchmark(args: argparse.Namespace, backbone: str, profile: str) -> dict
     for rep in range(args.repeats):
         for side in sides:
             tag = f"{tag0}-r{rep}-{side}"
+            # Scratch output of an earlier bench run: qrm train refuses a non-empty output_dir, and it is ours.
+            shutil.rmtree(work / "runs" / tag, ignore_errors=True)
             spec = {
                 "side": side,
                 "repeat": rep,

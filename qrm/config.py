@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -91,6 +92,13 @@ class DataArguments:
         default=None, metadata={"help": "Jinja chat template for conversational data (default: the tokenizer's)."}
     )
     split_seed: int = field(default=42, metadata={"help": "Seed of the eval_fraction split."})
+    drop_bad_implicit_pairs: bool = field(
+        default=False,
+        metadata={
+            "help": "implicit: drop (and count in the data report) rows whose texts share no prompt, differ in an "
+            "earlier turn, or leave an empty response; off: such a row is an error naming it."
+        },
+    )
 
 
 @dataclass
@@ -130,6 +138,31 @@ class TrainingArguments(RewardConfig):
         default=False,
         metadata={"help": "Resume even when the checkpoint was trained with a recipe or data that differ."},
     )
+    replace_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh in a non-empty output_dir that holds no run this recipe resumes: its old contents "
+            "are moved aside to `<output_dir>.replaced-<time>` (nothing is deleted). Off: such a dir is refused."
+        },
+    )
+    # ODIN (Chen et al., ICML 2024, arXiv 2402.07319); see qrm/odin.py. Weights default to 1.0 as in the authors'
+    # reference implementation (RLHFlow/RLHF-Reward-Modeling odin/gemma_two_head.py: correlation_with_length,
+    # ortho_reg).
+    length_debias: str = field(
+        default="none",
+        metadata={
+            "help": "none, or odin: a length head beside the score head, Bradley-Terry loss on their sum, the score "
+            "(quality) head decorrelated from response length and the length head correlated with it; only the "
+            "quality head is exported and scored."
+        },
+    )
+    odin_length_weight: float = field(
+        default=1.0,
+        metadata={"help": "odin: weight of |pearson(quality, length)| - pearson(length head, length) per batch."},
+    )
+    odin_ortho_weight: float = field(
+        default=1.0, metadata={"help": "odin: weight of |cos(W_quality, W_length)| (heads' weights kept apart)."}
+    )
 
 
 # Fields that may carry a Hub credential: never written anywhere.
@@ -140,7 +173,7 @@ MACHINE_KEYS = frozenset({"use_cpu", "local_rank", "logging_dir"})
 
 # How one invocation continues (or not) from checkpoints: not part of what the recipe trains, and a re-run of a
 # resolved recipe must not inherit a forced resume.
-RUN_CONTROL_KEYS = frozenset({"resume", "resume_force", "resume_from_checkpoint"})
+RUN_CONTROL_KEYS = frozenset({"resume", "resume_force", "resume_from_checkpoint", "replace_output_dir"})
 
 RECIPE_DATACLASSES = (ModelArguments, LoraArguments, DataArguments, TrainingArguments)
 
@@ -156,7 +189,10 @@ def _field_names() -> dict[str, str]:
 def parse_recipe(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, LoraArguments, DataArguments, TrainingArguments]:
-    """Parse `--recipe FILE [--field value ...]`: the file sets defaults, the command line overrides them."""
+    """Parse `--recipe FILE [--field value ...]`: the file sets defaults, the command line overrides them.
+
+    A value given both in the recipe and on the command line: the command line wins, and a line on stderr says so.
+    Every error names the field and where its value came from (`recipe.yaml:LINE` or `command line --field`)."""
     from trl import TrlParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -164,12 +200,19 @@ def parse_recipe(
     if "--recipe" in argv:
         i = argv.index("--recipe")
         if i + 1 >= len(argv):
-            raise RecipeError("--recipe needs a path to a YAML file")
+            raise RecipeError("command line: --recipe needs a path to a YAML file")
         recipe_path = argv[i + 1]
         del argv[i : i + 2]
+    recipe, lines = ({}, {}) if recipe_path is None else _load_recipe_with_lines(recipe_path)
+    sources = FieldSources(recipe_path, lines, argv)
     parser = TrlParser(RECIPE_DATACLASSES)
-    if recipe_path is not None:
-        recipe = load_recipe_file(recipe_path)
+
+    def error(message: str) -> None:  # argparse would print the whole usage and blame a flag nobody typed
+        raise RecipeError(sources.explain_argparse(message))
+
+    parser.error = error  # type: ignore[method-assign]
+    parser.allow_abbrev = False  # `--learning_rat` is a typo to name, not `--learning_rate`
+    if recipe:
         parser.set_defaults_with_config(**recipe)
     import torch
 
@@ -178,10 +221,57 @@ def parse_recipe(
         parser.set_defaults(use_cpu=True)
     try:
         margs, largs, dargs, targs = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as e:  # HfArgumentParser names the unknown flags in its message
-        raise RecipeError(f"command line: {e}") from None
-    validate(margs, largs, dargs, targs, source=recipe_path or "command line")
+    except RecipeError:
+        raise
+    except ValueError as e:  # HfArgumentParser names unknown flags; TrainingArguments checks some combinations
+        msg = str(e).strip().splitlines()[0]
+        if msg.startswith("Some specified arguments are not used"):
+            raise RecipeError(f"command line: unknown field(s) {msg.split(':', 1)[1].strip()}") from None
+        raise RecipeError(f"{sources.origin()}: {msg}") from None
+    for key in sorted(sources.argv_keys & set(recipe)):
+        origin = f"{recipe_path}:{lines.get(key, '?')}"
+        print(f"[qrm] {key}: the command line value overrides {recipe[key]!r} from {origin}", file=sys.stderr)
+    validate(margs, largs, dargs, targs, source=sources)
+    targs.qrm_sources = sources  # later checks (model path, LoRA targets, output_dir) blame the same place
     return margs, largs, dargs, targs
+
+
+class FieldSources:
+    """Where each recipe field's value came from: `recipe.yaml:LINE`, `command line --field`, or the default."""
+
+    def __init__(self, recipe_path: str | None, lines: dict[str, int], argv: Sequence[str]) -> None:
+        self.recipe_path, self.lines = recipe_path, lines
+        self.argv_keys = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+    def __call__(self, key: str) -> str:
+        if key in self.argv_keys:
+            return f"command line --{key}"
+        if key in self.lines:
+            return f"{self.recipe_path}:{self.lines[key]}"
+        return f"default of {key}" if self.recipe_path is None else f"{self.recipe_path} (default of {key})"
+
+    def origin(self) -> str:
+        return " + ".join(x for x in (self.recipe_path, "command line" if self.argv_keys else None) if x) or "recipe"
+
+    def explain_argparse(self, message: str) -> str:
+        import re
+
+        m = re.search(r"argument --([\w-]+)", message)
+        if m:
+            key = m.group(1).replace("-", "_")
+            msg = re.sub(r"argument --[\w-]+(/--[\w-]+)*: ", "", message)
+            return f"{self(key)}: {key}: {msg}"
+        return f"command line: {message}"
+
+
+def _load_recipe_with_lines(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, int]]:
+    """The recipe mapping and the 1-based line of each top-level key."""
+    import yaml
+
+    recipe = load_recipe_file(path)
+    node = yaml.compose(Path(path).read_text(encoding="utf-8"))
+    lines = {k.value: k.start_mark.line + 1 for k, _ in getattr(node, "value", []) if hasattr(k, "value")}
+    return recipe, lines
 
 
 def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -189,35 +279,116 @@ def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"{path}: is a directory; --recipe needs a YAML file")
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
-    with open(path) as f:
-        recipe = yaml.safe_load(f) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise RecipeError(f"{path}: the recipe file is empty")
+        recipe = yaml.safe_load(text) or {}
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}): {e.reason}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        ctx, ctx_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if ctx and ctx_mark is not None:
+            what += f" ({ctx} opened at line {ctx_mark.line + 1})"
+        raise RecipeError(f"{where}: YAML syntax error: {what}") from None
     if not isinstance(recipe, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping of field: value")
     known = _field_names()
-    unknown = sorted(k for k in recipe if k not in known)
+    unknown = sorted(str(k) for k in recipe if k not in known)
     if unknown:
         raise RecipeError(f"{path}: unknown key(s) {', '.join(unknown)}; see `qrm train --help` for the fields")
     return recipe
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+STORAGE_DTYPES = ("uint8", "float32", "bfloat16", "float16")
+
+
 def validate(
-    margs: ModelArguments, largs: LoraArguments, dargs: DataArguments, targs: TrainingArguments, source: str
+    margs: ModelArguments, largs: LoraArguments, dargs: DataArguments, targs: TrainingArguments, source: Any
 ) -> None:
-    """Checks that need several fields, before anything heavy is loaded."""
+    """Type, range and cross-field checks, before anything heavy is loaded.
+
+    Args:
+        source (`str` or `FieldSources`):
+            What to blame: one name for every field, or a `FieldSources` that knows each field's file line or flag.
+    """
+    where = source if callable(source) else (lambda key: str(source))
+
+    def bad(key: str, value: Any, why: str) -> RecipeError:
+        return RecipeError(f"{where(key)}: {key}={value!r} {why}")
+
+    def number(
+        key: str,
+        value: Any,
+        *,
+        integer: bool = False,
+        low: float | None = None,
+        high: float | None = None,
+        low_open: bool = False,
+        high_open: bool = False,
+    ) -> None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and integer and not float(value).is_integer():
+            ok = False
+        if not ok or not math.isfinite(value):
+            raise bad(key, value, f"must be a finite {'integer' if integer else 'number'}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise bad(key, value, f"must be {'>' if low_open else '>='} {low:g}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise bad(key, value, f"must be {'<' if high_open else '<='} {high:g}")
+
     if not margs.model_name_or_path:
-        raise RecipeError(f"{source}: model_name_or_path is required")
+        raise RecipeError(f"{where('model_name_or_path')}: model_name_or_path is required")
     if not dargs.dataset:
-        raise RecipeError(f"{source}: dataset is required")
+        raise RecipeError(f"{where('dataset')}: dataset is required")
     if dargs.dataset_format not in DATASET_FORMATS:
-        raise RecipeError(f"{source}: dataset_format={dargs.dataset_format!r}, expected one of {DATASET_FORMATS}")
-    if not 0.0 <= dargs.eval_fraction < 1.0:
-        raise RecipeError(f"{source}: eval_fraction={dargs.eval_fraction} must be in [0, 1)")
-    if targs.max_length is None or targs.max_length < 8:
-        raise RecipeError(f"{source}: max_length must be an integer >= 8")
+        raise bad("dataset_format", dargs.dataset_format, f"must be one of {', '.join(DATASET_FORMATS)}")
+    number("eval_fraction", dargs.eval_fraction, low=0.0, high=1.0, high_open=True)
+    if targs.max_length is None:
+        raise bad("max_length", None, "must be an integer >= 8")
+    number("max_length", targs.max_length, integer=True, low=8)
     if margs.bnb_4bit_quant_type not in ("nf4", "fp4"):
-        raise RecipeError(f"{source}: bnb_4bit_quant_type must be nf4 or fp4")
+        raise bad("bnb_4bit_quant_type", margs.bnb_4bit_quant_type, "must be nf4 or fp4")
+    if margs.bnb_4bit_compute_dtype not in COMPUTE_DTYPES:
+        raise bad("bnb_4bit_compute_dtype", margs.bnb_4bit_compute_dtype, f"must be one of {', '.join(COMPUTE_DTYPES)}")
+    if margs.bnb_4bit_quant_storage not in STORAGE_DTYPES:
+        raise bad("bnb_4bit_quant_storage", margs.bnb_4bit_quant_storage, f"must be one of {', '.join(STORAGE_DTYPES)}")
+    number("learning_rate", targs.learning_rate, low=0.0, low_open=True)
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        number(key, getattr(targs, key), integer=True, low=1)
+    number("lora_r", largs.lora_r, integer=True, low=1)
+    number("lora_alpha", largs.lora_alpha, low=0.0, low_open=True)
+    number("lora_dropout", largs.lora_dropout, low=0.0, high=1.0, high_open=True)
+    if not largs.lora_target_modules:
+        raise bad("lora_target_modules", largs.lora_target_modules, "must name at least one module, or all-linear")
+    if targs.max_steps is None or targs.max_steps == -1:
+        number("num_train_epochs", targs.num_train_epochs, low=0.0, low_open=True)
+    else:
+        number("max_steps", targs.max_steps, integer=True, low=1)
+    if dargs.max_pairs is not None:
+        number("max_pairs", dargs.max_pairs, integer=True, low=1)
+    number("verify_pairs", targs.verify_pairs, integer=True, low=0)
+    for key in ("better_margin", "slightly_better_margin", "min_score_gap"):
+        number(key, getattr(dargs, key))
+    if targs.length_debias not in ("none", "odin"):  # qrm.odin.DEBIAS_METHODS
+        raise bad("length_debias", targs.length_debias, "must be none or odin")
+    for key in ("odin_length_weight", "odin_ortho_weight"):
+        number(key, getattr(targs, key), low=0.0)
+    if str(dargs.eval_dataset).strip().lower() in ("", "none", "null"):
+        dargs.eval_dataset = None  # `--eval_dataset none` unsets a recipe's eval file
+    if dargs.eval_dataset and dargs.eval_fraction > 0:
+        raise RecipeError(
+            f"eval_dataset ({where('eval_dataset')}) and eval_fraction ({where('eval_fraction')}) both choose the "
+            "eval pairs; keep one (--eval_dataset none, or --eval_fraction 0)"
+        )
 
 
 def to_dict(*configs: Any) -> dict[str, Any]:
@@ -358,3 +529,10 @@ def _recipe_fields_only(configs: dict[str, Any]) -> dict[str, Any]:
         and v != defaults.get(k, object())
         and isinstance(v, (str, int, float, bool, list, dict))
     }
+
+
+def resolved_recipe(configs: dict[str, Any]) -> dict[str, Any]:
+    """The mapping `write_provenance` stores in `qrm_recipe.yaml`, as it reads back (to compare before writing)."""
+    import yaml
+
+    return yaml.safe_load(yaml.safe_dump(_recipe_fields_only(configs), sort_keys=True)) or {}

@@ -3,21 +3,20 @@ tokenize them with left-truncation of the prompt, and count everything that was 
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .config import DataArguments
+from .data_files import LOCAL_SUFFIXES, DataError, check_text_file, load_rows  # noqa: F401 - public here too
 
 logger = logging.getLogger(__name__)
 
-LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".tsv": "csv"}
 ROLE_ALIASES = {
     "human": "user",
     "user": "user",
@@ -32,16 +31,13 @@ ROLE_ALIASES = {
 # so conversational and implicit-prompt data render the same way.
 PLAIN_ROLE_NAMES = {"system": "System", "user": "Human", "assistant": "Assistant"}
 HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
 GRADED_LABELS = {
     "a-is-better": ("a", "better"),
     "a-is-slightly-better": ("a", "slightly"),
     "b-is-better": ("b", "better"),
     "b-is-slightly-better": ("b", "slightly"),
 }
-
-
-class DataError(ValueError):
-    """Malformed preference data; the message names the file, the row and the field."""
 
 
 @dataclass
@@ -59,6 +55,7 @@ class DataReport:
     dropped_too_long: int = 0
     tokenized: int = 0
     split: str = ""
+    duplicates: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +70,7 @@ class DataReport:
             "dropped_too_long": self.dropped_too_long,
             "kept": self.tokenized,
             "split": self.split,
+            "duplicate_pairs": self.duplicates,
         }
 
     def lines(self) -> list[str]:
@@ -89,77 +87,30 @@ class DataReport:
         )
         out.append(f"  dropped: responses alone exceed max_length {self.dropped_too_long}")
         out.append(f"  kept for training/eval {self.tokenized}")
+        if self.duplicates:
+            out.append(f"  duplicate pairs (kept)  {self.duplicates}: same prompt, chosen and rejected as an earlier row")
         return out
-
-
-# ----------------------------------------------------------------------------------------------- loading
-
-
-def load_rows(source: str, split: str = "train") -> tuple[Any, str]:
-    """Load a local file (jsonl/json/csv/parquet, optionally .gz) or a hub dataset id with `datasets`."""
-    import datasets
-
-    path = Path(source)
-    if path.exists():
-        suffixes = [s for s in path.suffixes if s != ".gz"]
-        kind = LOCAL_SUFFIXES.get(suffixes[-1] if suffixes else "")
-        if kind is None:
-            raise DataError(f"{source}: unsupported file type; use .jsonl, .json, .csv, .tsv or .parquet")
-        kwargs = {"delimiter": "\t"} if suffixes[-1] == ".tsv" else {}
-        try:
-            ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
-        except Exception as e:  # arrow type errors are cryptic: find the row ourselves when we can
-            if kind == "json":
-                _diagnose_json(path)
-            raise DataError(f"{source}: could not be read as {kind}: {type(e).__name__}: {e}") from None
-        return ds, str(path)
-    if source.count("/") == 1 and not source.startswith((".", "/")):
-        try:
-            return datasets.load_dataset(source, split=split), f"{source}[{split}]"
-        except Exception as e:
-            raise DataError(
-                f"{source}: could not load hub dataset (split {split!r}): {type(e).__name__}: {e}"
-            ) from None
-    raise DataError(f"{source}: no such file, and not a hub dataset id (owner/name)")
-
-
-def _diagnose_json(path: Path) -> None:
-    """Re-read a JSON/JSONL file line by line to name the row that broke arrow's type inference."""
-    import gzip
-
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        text = f.read()
-    try:
-        rows = json.loads(text)
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: a .json file must hold a list of objects (or use .jsonl)")
-    except json.JSONDecodeError:
-        rows = []
-        for i, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: row {i}: invalid JSON ({e.msg})") from None
-    types: dict[str, tuple[str, int]] = {}
-    for i, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
-        for k, v in row.items():
-            t = type(v).__name__
-            if v is None:
-                continue
-            if k in types and types[k][0] != t:
-                raise DataError(f"{path}: row {i}: field {k!r} is {t} but row {types[k][1]} has {types[k][0]}")
-            types.setdefault(k, (t, i))
 
 
 # ----------------------------------------------------------------------------------------------- formats
 
 
-def detect_format(columns: Sequence[str], first: dict[str, Any], args: DataArguments) -> tuple[str, str]:
+def format_needs(args: DataArguments) -> str:
+    """What columns each format needs, with this recipe's column names."""
+    a = args
+    return (
+        f"explicit needs {a.prompt_column!r}, {a.chosen_column!r}, {a.rejected_column!r} (strings); "
+        f"implicit needs {a.chosen_column!r} and {a.rejected_column!r} (full texts sharing the prompt); "
+        f"conversational needs {a.chosen_column!r} and {a.rejected_column!r} as message lists; "
+        f"sharegpt needs {a.conversations_column!r}, {a.chosen_column!r}, {a.rejected_column!r}; "
+        f"ratings needs {a.prompt_column!r} (or 'question'), {a.response_column!r}, {a.score_column!r}; "
+        f"graded needs {a.completion_a_column!r}, {a.completion_b_column!r}, {a.preference_column or 'preference'!r}"
+    )
+
+
+def detect_format(
+    columns: Sequence[str], first: dict[str, Any], args: DataArguments, where: str | None = None
+) -> tuple[str, str]:
     """Guess the format from column names and the first row; returns (format, explanation)."""
     cols = set(columns)
     if args.conversations_column in cols and args.chosen_column in cols:
@@ -182,7 +133,10 @@ def detect_format(columns: Sequence[str], first: dict[str, Any], args: DataArgum
                 f"string columns {args.prompt_column!r}, {args.chosen_column!r}, {args.rejected_column!r}",
             )
         return "implicit", "chosen/rejected are full texts with a shared prompt"
-    raise DataError(f"cannot detect the format from columns {sorted(cols)}; set dataset_format and the *_column fields")
+    raise DataError(
+        f"{where or 'data'}: cannot detect the preference format from columns {sorted(cols)}: {format_needs(args)}; "
+        "set dataset_format and the *_column fields"
+    )
 
 
 def _text(row: dict[str, Any], col: str, where: str, i: int, allow_empty: bool = False) -> str:
@@ -208,8 +162,8 @@ def _number(row: dict[str, Any], col: str, where: str, i: int) -> float:
             v = float(v)
         except ValueError:
             raise DataError(f"{where}: row {i}: field {col!r} must be a number, got {v!r}") from None
-    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-        raise DataError(f"{where}: row {i}: field {col!r} must be a number, got {v!r}")
+    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise DataError(f"{where}: row {i}: field {col!r} must be a finite number, got {v!r}")
     return float(v)
 
 
@@ -221,7 +175,7 @@ def _messages(value: Any, col: str, where: str, i: int, sharegpt: bool = False) 
         raise DataError(f"{where}: row {i}: field {col!r} must be a non-empty list of messages")
     out = []
     rk, ck = ("from", "value") if sharegpt else ("role", "content")
-    for j, m in enumerate(value):
+    for j, m in enumerate(value, start=1):  # 1-based, as rows are
         if not isinstance(m, dict) or rk not in m or ck not in m:
             raise DataError(f"{where}: row {i}: field {col!r} message {j} must be an object with {rk!r} and {ck!r}")
         role = ROLE_ALIASES.get(str(m[rk]).lower())
@@ -285,8 +239,10 @@ def build_pairs(
         raise DataError(f"{where}: the file holds no rows")
     fmt = args.dataset_format
     if fmt == "auto":
-        fmt, why = detect_format(list(rows[0].keys()), rows[0], args)
+        fmt, why = detect_format(list(rows[0].keys()), rows[0], args, where)
         report.detected = f"auto: {why}"
+    else:
+        _check_declared_format(fmt, rows[0], args, where)
     report.format = fmt
     pairs: list[dict] = []
     if fmt == "ratings":
@@ -306,10 +262,7 @@ def build_pairs(
                     "rejected": _text(row, args.rejected_column, where, i),
                 }
             elif fmt == "implicit":
-                c = _text(row, args.chosen_column, where, i)
-                r = _text(row, args.rejected_column, where, i)
-                p, c, r = split_implicit(c, r)
-                pair = {"prompt": p, "chosen": c, "rejected": r}
+                pair = _implicit_pair(row, args, where, i, report)
             elif fmt in ("conversational", "sharegpt"):
                 pair = _conversational_pair(row, args, where, i, fmt == "sharegpt", tokenizer)
             else:
@@ -323,10 +276,57 @@ def build_pairs(
                 continue
             pair["row"] = i
             pairs.append(pair)
+    seen: set[tuple] = set()
+    for pair in pairs:
+        key = (pair["prompt"], pair["chosen"], pair["rejected"], pair.get("margin"))
+        report.duplicates += key in seen
+        seen.add(key)
     report.pairs = len(pairs)
     if not pairs:
         raise DataError(f"{where}: no usable pair left ({report.rows} rows; skipped {dict(report.skipped)})")
     return pairs, report
+
+
+def _check_declared_format(fmt: str, first: dict[str, Any], args: DataArguments, where: str) -> None:
+    """Data in another format than the recipe's `dataset_format` is refused before any row is half-read."""
+    try:
+        seen, why = detect_format(list(first), first, args, where)
+    except DataError:
+        return  # nothing recognisable: the declared format's own field checks name what is missing
+    graded = {args.completion_a_column, args.completion_b_column} <= set(first)
+    if seen == fmt or (fmt == "conversational" and seen == "sharegpt") or (fmt == "explicit" and graded):
+        return
+    raise DataError(
+        f"{where}: dataset_format is {fmt!r} but row 1 looks like {seen!r} data ({why}); "
+        f"set dataset_format: {seen} (or auto), or fix the *_column fields"
+    )
+
+
+def _implicit_pair(row: dict[str, Any], args: DataArguments, where: str, i: int, report: DataReport) -> dict | None:
+    """Split an implicit-prompt row; a split that cannot be right is an error, or a counted drop with
+    `drop_bad_implicit_pairs`."""
+    chosen = _text(row, args.chosen_column, where, i)
+    rejected = _text(row, args.rejected_column, where, i)
+    p, c, r = split_implicit(chosen, rejected)
+    problem = None
+    hh = HH_HUMAN in chosen or HH_ASSISTANT in chosen
+    if not p.strip():
+        problem = "no shared prompt", "chosen and rejected share no common start to use as the prompt"
+    elif hh and not p.endswith(HH_ASSISTANT):
+        problem = "differing turn", "chosen and rejected already differ inside the first Human turn"
+    elif HH_HUMAN in c or HH_HUMAN in r:
+        problem = "differing turn", "chosen and rejected differ in an earlier turn, not only in the last response"
+    elif not hh and (not c.strip() or not r.strip()):
+        problem = "empty response", "one text is the start of the other, so its response would be empty"
+    if problem is None:
+        return {"prompt": p, "chosen": c, "rejected": r}
+    if getattr(args, "drop_bad_implicit_pairs", False):
+        report.skipped[f"implicit: {problem[0]}"] += 1
+        return None
+    raise DataError(
+        f"{where}: row {i}: {problem[1]} (dataset_format implicit); fix the row, use explicit prompt/chosen/rejected "
+        "columns, or set drop_bad_implicit_pairs: true to drop and count such rows"
+    )
 
 
 def _conversational_pair(
@@ -504,6 +504,11 @@ def prepare(args: DataArguments, tokenizer: Any, max_length: int) -> PreparedDat
     if args.eval_dataset:
         erows, ewhere = load_rows(args.eval_dataset, args.eval_dataset_split)
         eval_pairs, erep = build_pairs(erows, args, ewhere, tokenizer)
+        if erep.format != report.format:
+            raise DataError(
+                f"{ewhere}: eval data reads as {erep.format!r} but the training data {where} as {report.format!r}; "
+                "both files must be in one format (set dataset_format, or give an eval file of the same format)"
+            )
         reports.append(erep)
     elif args.eval_fraction > 0:
         order = list(range(len(pairs)))
@@ -512,6 +517,11 @@ def prepare(args: DataArguments, tokenizer: Any, max_length: int) -> PreparedDat
         held = set(order[:n_eval])
         eval_pairs = [pairs[k] for k in sorted(held)]
         pairs = [pairs[k] for k in range(len(pairs)) if k not in held]
+        if not pairs:
+            raise DataError(
+                f"{where}: eval_fraction={args.eval_fraction} holds out {n_eval} of {n_eval} pairs and leaves no "
+                "training pair; lower eval_fraction or add data"
+            )
         report.pairs = len(pairs)
         report.split = f"eval_fraction={args.eval_fraction}: {n_eval} pairs held out (seed {args.split_seed})"
     if args.max_pairs is not None and len(pairs) > args.max_pairs:

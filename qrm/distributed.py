@@ -5,19 +5,25 @@
 `fsdp` / `deepspeed` arguments, and refuses a 4-bit model whose packed-weight storage dtype differs from the dtype
 the sharding engine gives its parameters.
 
-`save_adapter` writes the LoRA adapter and the score head as an ordinary PEFT adapter directory under any launcher.
+`effective_launch` corrects that reading for what accelerate really runs: an FSDP config on CPU-only processes runs as
+DDP (one warning), so the recipe is loaded unsharded. `save_adapter` writes the LoRA adapter and the score head as an
+ordinary PEFT adapter directory under any launcher; `score_pairs_across_ranks` splits the end-of-training scoring
+over the processes, each pair scored once.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qrm.config import RecipeError
+
+logger = logging.getLogger("qrm")
 
 _TRUE = {"1", "true", "yes", "y", "on", "t"}
 # FSDP's param dtype (accelerate's FullyShardedDataParallelPlugin.set_mixed_precision) and DeepSpeed's
@@ -106,12 +112,65 @@ def detect_launch(training_args: Any = None, environ: Mapping[str, str] | None =
     return Launch(None, None, mp, "no sharding launcher detected")
 
 
+# accelerate 1.15 builds its FSDP plugin only for these process types (accelerate/state.py:986,
+# `elif self.distributed_type in [DistributedType.MULTI_GPU, ...]`); MULTI_CPU and NO run the model unsharded.
+FSDP_CAPABLE = frozenset(
+    {"MULTI_GPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_NPU", "MULTI_XPU", "MULTI_HPU", "MULTI_NEURON"}
+)
+
+
+def effective_launch(
+    training_args: Any = None, environ: Mapping[str, str] | None = None, distributed_type: Any = None
+) -> Launch:
+    """`detect_launch`, corrected for what accelerate will really run: FSDP asked for on processes accelerate cannot
+    shard (CPU only) runs as DDP, with a one-line warning, and the recipe is then loaded unsharded.
+
+    Args:
+        training_args (`TrainingArguments`, *optional*, defaults to `None`):
+            The Trainer's arguments (their `fsdp` / `deepspeed` / mixed precision fields).
+        environ (`Mapping[str, str]`, *optional*, defaults to `os.environ`):
+            The launcher's environment. When it is `os.environ` and FSDP falls back, `ACCELERATE_USE_FSDP` is set to
+            false in it, so transformers does not load the weights on rank 0 only (`is_fsdp_enabled`) for a DDP run.
+        distributed_type (`str` or `accelerate.DistributedType`, *optional*, defaults to `None`):
+            The process type accelerate chose; `None` asks `accelerate.PartialState` (initialising it as the
+            Trainer would).
+    """
+    launch = detect_launch(training_args, environ)
+    if launch.sharding != "fsdp":
+        return launch
+    if distributed_type is None:
+        from accelerate.state import PartialState
+
+        distributed_type = PartialState().distributed_type
+    kind = str(getattr(distributed_type, "value", distributed_type)).rsplit(".", 1)[-1].upper()
+    if kind in FSDP_CAPABLE:
+        return launch
+    env = os.environ if environ is None else environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    runs_as = f"DDP over {world} CPU processes" if world > 1 else "one unsharded process"
+    if int(env.get("RANK", "0")) == 0:
+        logger.warning(
+            "%s asked for %s, but accelerate shards only on GPUs/accelerators and runs %s here: running as %s, "
+            "model not sharded",
+            launch.source,
+            launch.name,
+            kind,
+            runs_as,
+        )
+    if environ is None and "ACCELERATE_USE_FSDP" in os.environ:
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+    return Launch(None, None, launch.mixed_precision, f"{launch.source}, run as {runs_as}")
+
+
 def _dtype_name(value: Any) -> str:
     return str(value).removeprefix("torch.")
 
 
-def check_launch(model_args: Any, training_args: Any) -> None:
+def check_launch(model_args: Any, training_args: Any, launch: Launch | None = None) -> None:
     """Refuse a 4-bit model whose `bnb_4bit_quant_storage` is not the sharded parameter dtype (FSDP / ZeRO-3).
+
+    `launch` defaults to `detect_launch(training_args)` (what the launcher asked for); `train` passes
+    `effective_launch`, which knows when accelerate falls back to DDP.
 
     Why: FSDP and ZeRO-3 treat the packed 4-bit weights as ordinary parameters. With uint8 storage FSDP1 cannot
     flatten them together with the bf16 ones, FSDP2 (accelerate 1.15) leaves them unsharded on every GPU, and
@@ -121,7 +180,7 @@ def check_launch(model_args: Any, training_args: Any) -> None:
     """
     if not getattr(model_args, "load_in_4bit", False):
         return
-    launch = detect_launch(training_args)
+    launch = detect_launch(training_args) if launch is None else launch
     if launch.sharding is None:
         return
     storage = _dtype_name(getattr(model_args, "bnb_4bit_quant_storage", "uint8"))
@@ -235,3 +294,45 @@ def save_adapter(trainer: Any, output_dir: str | os.PathLike) -> Path:
             processing_class.save_pretrained(str(out))
     accelerator.wait_for_everyone()
     return out
+
+
+def _is_sharded_module(model: Any) -> bool:
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
+def score_pairs_across_ranks(
+    model: Any, rows: Sequence[dict], pad_token_id: int, batch_size: int = 16
+) -> tuple[list[float], list[float]]:
+    """`qrm.score.score_pair_rows` split over the processes: each rank scores its contiguous share of the pairs once
+    and every rank gets all rewards back in the original order (a collective: call it on every rank).
+
+    Args:
+        model (`torch.nn.Module`):
+            The trained reward model (unwrapped from DDP; under FSDP the sharded model, whose forward is a collective:
+            then every rank runs the same number of batches, the shortest shares padded with repeats of its first
+            pair, whose extra rewards are dropped).
+        rows (`Sequence[dict]`):
+            Tokenized pairs with `chosen_ids` and `rejected_ids`.
+        pad_token_id (`int`):
+            Padding id for the batched forward.
+        batch_size (`int`, *optional*, defaults to `16`):
+            Sequences per forward on each rank.
+    """
+    import torch.distributed as dist
+
+    from . import score
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return score.score_pair_rows(model, rows, pad_token_id, batch_size)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    per = -(-len(rows) // world)
+    mine = list(rows[rank * per : (rank + 1) * per])
+    n = len(mine)
+    if _is_sharded_module(model) and n < per and rows:
+        mine += [mine[0] if mine else rows[0]] * (per - n)
+    chosen, rejected = score.score_pair_rows(model, mine, pad_token_id, batch_size) if mine else ([], [])
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, (chosen[:n], rejected[:n]))
+    return [c for g in gathered for c in g[0]], [r for g in gathered for r in g[1]]

@@ -446,10 +446,14 @@ def write_report(
     subsets: Sequence[str] | None = None,
     title: str = "qrm eval",
     extra: dict[str, Any] | None = None,
+    *,
+    heads: dict[str, Any] | None = None,
+    rewardbench: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compute `pair_metrics` and write metrics.json, report.md and (with matplotlib) reliability.png,
     length_bias.png and reward_hist.png into `out_dir`. Returns the metrics as written to metrics.json
-    (with `extra` under "extra" and the written plot file names under "plots")."""
+    (with `extra` under "extra", the written plot file names under "plots", and `heads` (ODIN, see
+    `qrm.odin.eval_heads`) and `rewardbench` (see `qrm.rewardbench.rewardbench_scores`) under their names)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = pair_metrics(chosen, rejected, chosen_len, rejected_len, subsets)
@@ -479,6 +483,9 @@ def write_report(
     if extra is not None:
         metrics["extra"] = extra
     metrics["plots"] = plots
+    for key, value in (("heads", heads), ("rewardbench", rewardbench)):
+        if value is not None:
+            metrics[key] = value
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n", encoding="utf-8")
     (out / "report.md").write_text(_report_md(metrics, title, plot_note), encoding="utf-8")
     return metrics
@@ -538,6 +545,14 @@ def _report_md(m: dict[str, Any], title: str, plot_note: str | None) -> str:
             "![reward histograms](reward_hist.png)",
         ]
 
+    if m.get("heads"):
+        from .odin import heads_report_lines
+
+        lines += heads_report_lines(m["heads"])
+    if m.get("rewardbench"):
+        from .rewardbench import report_lines
+
+        lines += report_lines(m["rewardbench"])
     extra = dict(m.get("extra") or {})
     probes = extra.get("probes")
     # probe_metrics output gets a table of its own; anything else in `extra` is listed as is.
@@ -676,9 +691,11 @@ def evaluate_model(
     data_args: Any = None,
     subset_column: str | None = None,
     batch_size: int = 16,
+    rewardbench: str | None = None,
 ) -> dict[str, Any]:
-    """Score `data` (any format the trainer reads) and/or the bundled probes with an adapter dir or an export,
-    and write metrics.json, report.md and the plots into `out_dir`."""
+    """Score `data` (any format the trainer reads), the bundled probes and/or a RewardBench file with an adapter
+    dir or an export, and write metrics.json, report.md and the plots into `out_dir`. An adapter trained with
+    `length_debias: odin` also gets its two heads reported (`heads`)."""
     from .config import DataArguments
     from .data import build_pairs, load_rows, tokenize_pairs
     from .score import RewardModel, score_pair_rows
@@ -694,10 +711,25 @@ def evaluate_model(
             tok = tokenize_pairs(rows, rm.tokenizer, rm.max_length, DataReport(source=name))
             results[name] = score_pair_rows(rm.model, tok, pad, batch_size)
         extra["probes"] = probe_metrics(results)
+    rb = None
+    if rewardbench:
+        from .rewardbench import evaluate_rewardbench
+
+        rb, rb_rows = evaluate_rewardbench(rm, rewardbench, batch_size)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(out_dir) / "rewardbench_rewards.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rb_rows)
     if data is None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "probes.json").write_text(json.dumps(extra["probes"], indent=2) + "\n")
+        if probes:
+            (out / "probes.json").write_text(json.dumps(extra["probes"], indent=2) + "\n")
+        if rb is not None:
+            from .rewardbench import report_lines
+
+            (out / "metrics.json").write_text(json.dumps({"rewardbench": rb, "extra": extra}, indent=2) + "\n")
+            (out / "report.md").write_text("\n".join([f"# qrm eval: {rewardbench}", *report_lines(rb)]) + "\n")
+            return {"rewardbench": rb, "extra": extra}
         return extra
     dargs = data_args or DataArguments(dataset=data)
     rows, where = load_rows(data, dargs.dataset_split)
@@ -712,8 +744,13 @@ def evaluate_model(
             raise ValueError(f"{where}: no column {subset_column!r} for per-subset numbers")
         subsets = [str(rows[r["row"] - 1][subset_column]) for r in tok]
     extra["data"] = report.as_dict()
+    heads = None
+    if (Path(model_dir) / "length_head.safetensors").is_file():  # qrm.odin.LENGTH_HEAD_FILE
+        from .odin import eval_heads
+
+        heads = eval_heads(rm, model_dir, tok, (chosen, rejected), batch_size)
     metrics = write_report(
-        out_dir, chosen, rejected, clen, rlen, subsets=subsets, title=f"qrm eval: {where}", extra=extra
+        out_dir, chosen, rejected, clen, rlen, subsets, f"qrm eval: {where}", extra, heads=heads, rewardbench=rb
     )
     with open(Path(out_dir) / "rewards.jsonl", "w") as f:
         for r, c, j in zip(tok, chosen, rejected, strict=True):
@@ -724,7 +761,6 @@ def evaluate_model(
 def main(argv: list[str] | None = None) -> int:
     """`qrm eval --model DIR --data FILE [--out DIR] [--probes]`."""
     import argparse
-    import sys
 
     from .data import DataError
 
@@ -733,6 +769,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="pairs in any format qrm train reads")
     p.add_argument("--out", help="output dir (default: <model>/eval-<data name>)")
     p.add_argument("--probes", action="store_true", help="also run the bundled probe sets")
+    p.add_argument(
+        "--rewardbench",
+        metavar="FILE",
+        help="a local file in RewardBench layout (prompt, chosen, rejected, subset; rejected may be a list): "
+        "per-subset accuracy, Chat/Chat Hard/Safety/Reasoning scores and their mean",
+    )
     p.add_argument("--dataset-format", default="auto")
     p.add_argument("--prompt-column", default="prompt")
     p.add_argument("--chosen-column", default="chosen")
@@ -741,15 +783,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
     a = p.parse_args(argv)
-    if not a.data and not a.probes:
-        p.error("give --data, --probes, or both")
-    from .config import DataArguments
+    if not a.data and not a.probes and not a.rewardbench:
+        p.error("give --data, --probes, --rewardbench, or several")
+    from .cli import FlagError, check_flags, check_model_dir, check_out_path, user_error
+    from .config import DATASET_FORMATS, DataArguments
 
-    name = Path(a.data).name.split(".")[0] if a.data else "probes"
+    name = Path(a.data or a.rewardbench or "probes").name.split(".")[0]
     out = Path(a.out) if a.out else Path(a.model) / f"eval-{name}"
-    if (out / "metrics.json").exists() and not a.force:
-        print(f"qrm eval: error: {out} already holds a report; pass --force to overwrite it", file=sys.stderr)
-        return 2
+    try:
+        check_flags("qrm eval", batch_size=a.batch_size)
+        if a.dataset_format not in DATASET_FORMATS:
+            raise FlagError(f"--dataset-format {a.dataset_format}: expected one of {', '.join(DATASET_FORMATS)}")
+        check_model_dir("--model", a.model)
+        check_out_path("--out", str(out), {"--data": a.data})
+        if Path(a.model).resolve() == out.resolve():
+            raise FlagError(f"--out {out} is the --model dir; reports go in a directory of their own")
+        if out.exists() and not out.is_dir():
+            raise FlagError(f"--out {out}: is a file; give a directory for the report")
+        if (out / "metrics.json").exists() and not a.force:
+            raise FlagError(f"--out {out} already holds a report; pass --force to overwrite it")
+        if a.data:
+            from .data import load_rows
+
+            load_rows(a.data)  # a missing, empty or unreadable file fails here, before the model loads
+        if a.rewardbench:
+            from .rewardbench import load_rewardbench
+
+            load_rewardbench(a.rewardbench)  # a bad row fails here, naming it, before the model loads
+    except (FlagError, DataError) as e:
+        return user_error("qrm eval", e)
     dargs = None
     if a.data:
         dargs = DataArguments(
@@ -760,10 +822,9 @@ def main(argv: list[str] | None = None) -> int:
             rejected_column=a.rejected_column,
         )
     try:
-        m = evaluate_model(a.model, a.data, out, a.probes, dargs, a.subset_column, a.batch_size)
+        m = evaluate_model(a.model, a.data, out, a.probes, dargs, a.subset_column, a.batch_size, a.rewardbench)
     except (DataError, ValueError, FileNotFoundError) as e:
-        print(f"qrm eval: error: {e}", file=sys.stderr)
-        return 2
+        return user_error("qrm eval", e)
     if "accuracy" in m:
         lo, hi = m["accuracy_ci95"]
         print(f"accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on {m['n_pairs']} pairs; ECE {m['ece']:.3f}")
@@ -771,5 +832,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {w}")
     for probe, v in (m.get("extra", m).get("probes") or {}).items():
         print(f"probe {probe}: accuracy {v['accuracy']:.3f} on {v['n']} pairs")
+    if m.get("rewardbench"):
+        rb = m["rewardbench"]
+        parts = [f"{k} {100 * v['score']:.1f}" for k, v in rb["sections"].items()]
+        score = "n/a" if rb["score"] is None else f"{100 * rb['score']:.1f}"
+        print(f"RewardBench score {score} ({', '.join(parts) or 'no known subset'})")
     print(f"report: {out}")
     return 0

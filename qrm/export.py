@@ -148,7 +148,7 @@ def merge(
             for name, tensor in _merged_state(model, method, original, out_dtype, recipe):
                 writer.add(name, tensor)
             provenance["shards"] = writer.close()
-            config = _export_config(inner.config, out_dtype, tokenizer.pad_token_id)
+            config = _export_config(inner.config, out_dtype, tokenizer.pad_token_id, type(inner).__name__)
             config.save_pretrained(staging)
         for name in COPIED_FILES:
             if (adapter / name).is_file():
@@ -358,7 +358,7 @@ def _merged_state(
     from transformers import AutoModelForSequenceClassification
 
     inner = model.get_base_model()
-    config = _export_config(inner.config, out_dtype, inner.config.pad_token_id)
+    config = _export_config(inner.config, out_dtype, inner.config.pad_token_id, type(inner).__name__)
     with torch.device("meta"):
         skeleton = AutoModelForSequenceClassification.from_config(
             config, trust_remote_code=bool(recipe.get("trust_remote_code", False))
@@ -400,13 +400,18 @@ def _merged_tensor(live: Any, name: str, attr: str, method: str, original: Any, 
     return value
 
 
-def _export_config(config: Any, out_dtype: Any, pad_token_id: int | None) -> Any:
-    """The plain model's config: no quantization, one label, a pad token, the stored dtype."""
+def _export_config(config: Any, out_dtype: Any, pad_token_id: int | None, architecture: str) -> Any:
+    """The plain model's config: no quantization, one regression label, the exported class, a pad token, the stored
+    dtype."""
     cfg = copy.deepcopy(config)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(cfg, attr):
             delattr(cfg, attr)
     cfg.num_labels = 1
+    # A reward is a regression output: pipeline("text-classification") and vLLM then return it raw, not sigmoid(r).
+    cfg.problem_type = "regression"
+    # The base's own class (LlamaForCausalLM, BertModel) would make vLLM build the wrong model.
+    cfg.architectures = [architecture]
     cfg.pad_token_id = pad_token_id
     cfg.dtype = out_dtype
     return cfg
@@ -538,18 +543,45 @@ def align_tokenizer(tokenizer: Any) -> dict[str, Any]:
     return info
 
 
+def plain_chat_template() -> str:
+    """qrm's plain conversation layout (`qrm.data.render_messages` without a chat template) as a Jinja chat
+    template: `apply_chat_template(messages, tokenize=False)` then renders what training rendered."""
+    from .data import HH_ASSISTANT, PLAIN_ROLE_NAMES
+
+    q = json.dumps  # a JSON string literal is a valid Jinja string literal, escapes included
+    branches = "".join(
+        f"{{%- {'if' if i == 0 else 'elif'} message['role'] == {q(role)} -%}}{{{{ {q(chr(10) * 2 + name + ': ')} }}}}"
+        for i, (role, name) in enumerate(PLAIN_ROLE_NAMES.items())
+    )
+    unknown = "{{ raise_exception(\"qrm's plain template has no role \" + message['role']) }}"
+    return (
+        f"{{%- for message in messages -%}}{branches}{{%- else -%}}{unknown}{{%- endif -%}}"
+        "{{ message['content'] }}{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{ {q(HH_ASSISTANT)} }}}}{{%- endif -%}}"
+    )
+
+
 def _save_tokenizer(adapter: Path, folder: Path) -> dict[str, Any]:
-    """Save the adapter's tokenizer into the export, aligned when a reloaded copy keeps the alignment."""
+    """Save the adapter's tokenizer into the export, aligned when a reloaded copy keeps the alignment, with the
+    chat template training rendered conversations with (qrm's plain layout when the tokenizer had none)."""
     from transformers import AutoTokenizer
 
     from .data import special_tokens
 
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    def load() -> Any:
+        tok = AutoTokenizer.from_pretrained(adapter)
+        if not getattr(tok, "chat_template", None):
+            tok.chat_template = plain_chat_template()
+        return tok
+
+    tokenizer = load()
     info = align_tokenizer(tokenizer)
+    had_template = bool(getattr(AutoTokenizer.from_pretrained(adapter), "chat_template", None))
+    info["chat_template"] = "training" if had_template else "qrm-plain"
     tokenizer.save_pretrained(folder)
     if info["changed"] and special_tokens(AutoTokenizer.from_pretrained(folder)) != special_tokens(tokenizer):
         # Some tokenizer classes rebuild their post-processor on load: ship the training tokenizer unchanged.
-        AutoTokenizer.from_pretrained(adapter).save_pretrained(folder)
+        load().save_pretrained(folder)
         info.update(changed=False, plain_text_adds_qrm_specials=False, note="reload drops the EOS post-processor")
     return info
 
@@ -863,10 +895,14 @@ def _usage(provenance: dict[str, Any]) -> str:
     if provenance["kind"] != "adapter":
         return (
             "### transformers pipeline\n\n```python\nfrom transformers import pipeline\n\n"
-            'rm = pipeline("text-classification", model="<this dir>", function_to_apply="none")\n'
+            'rm = pipeline("text-classification", model="<this dir>")\n'
             'text = "\\n\\nHuman: What is 2 + 2?\\n\\nAssistant:" + " 4"   # prompt + response\n'
-            'print(rm(text)[0]["score"])  # the raw reward (function_to_apply="none": no sigmoid)\n```\n\n'
+            'print(rm(text)[0]["score"])  # the raw reward\n```\n\n'
+            "`config.json` sets `problem_type: regression` (one label), so the pipeline and vLLM return the raw "
+            "reward by default, not sigmoid(reward). The tokenizer's chat template renders conversations as training"
+            " did: `tokenizer.apply_chat_template(messages, tokenize=False)`.\n\n"
             + qrm
+            + _TRL_USAGE
             + "\n### vLLM\n\nA `*ForSequenceClassification` with one label, safetensors weights, a pad token and the"
             " head at `score.weight`: see qrm's docs/serving.md (`vllm serve <dir> --runner pooling`).\n"
         )
@@ -901,8 +937,18 @@ def _usage(provenance: dict[str, Any]) -> str:
         + auto
         + 'batch = tokenizer("\\n\\nHuman: What is 2 + 2?\\n\\nAssistant:" + " 4", return_tensors="pt")\n'
         "with torch.no_grad():\n"
-        "    print(model(**batch.to(base.device)).logits[0, 0].item())\n```\n\n" + qrm
+        "    print(model(**batch.to(base.device)).logits[0, 0].item())\n```\n\n" + qrm + _TRL_USAGE
     )
+
+
+_TRL_USAGE = (
+    "\n### TRL (GRPO, RLOO)\n\n```python\nimport qrm\n\n"
+    'reward = qrm.reward_function("<this dir>")  # prompts, completions (plain or conversational) -> rewards\n'
+    "trainer = GRPOTrainer(model=policy, reward_funcs=reward, ...)\n```\n\n"
+    'The rewards are exactly qrm\'s (`qrm score`). Passing the directory itself (`reward_funcs="<this dir>"`) '
+    "also loads, but TRL then tokenizes `prompt + completion` without special tokens (no BOS/EOS/CLS/SEP), so its "
+    "rewards differ from the trained model's; see qrm's docs/serving.md.\n"
+)
 
 
 # ------------------------------------------------------------------------------------------------ scoring files
@@ -948,7 +994,7 @@ def score_file(
         else "pairs"
     )
     if mode == "pairs" and dataset_format in ("auto", "ratings"):
-        fmt = dataset_format if dataset_format != "auto" else detect_format(list(columns), rows[0], dargs)[0]
+        fmt = dataset_format if dataset_format != "auto" else detect_format(list(columns), rows[0], dargs, where)[0]
         if fmt == "ratings":  # one answer per row: score each answer rather than best-vs-worst pairs
             mode, response_column = "responses", dargs.response_column
             prompt_column = prompt_column if prompt_column in columns else "question"
@@ -1033,7 +1079,16 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-shard-size", default="2GB", help="Largest safetensors shard (default 2GB).")
     ap.add_argument("--batch-size", type=int, default=16, help="Verification batch size.")
     args = ap.parse_args(argv)
+    from .cli import FlagError, check_flags, check_out_path, user_error
+
     try:
+        check_flags("qrm merge", batch_size=args.batch_size)
+        try:
+            if parse_size(args.max_shard_size) < 1:
+                raise ValueError
+        except ValueError:
+            raise FlagError(f"--max-shard-size {args.max_shard_size}: expected a size such as 2GB or 500MB") from None
+        check_out_path("--out", args.out, {"--verify-data": args.verify_data, "--adapter": args.adapter}, replaced=True)
         summary = merge(
             args.adapter,
             args.out,
@@ -1050,8 +1105,7 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
         print(f"qrm merge: {e}", file=sys.stderr)
         return 1
     except (ExportError, FileNotFoundError, ValueError) as e:
-        print(f"qrm merge: error: {e}", file=sys.stderr)
-        return 2
+        return user_error("qrm merge", e)
     v = summary["verification"]
     what = "adapter" if summary["kind"] == "adapter" else f"{summary['method']} merge ({summary['dtype']})"
     print(
@@ -1060,6 +1114,9 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
         f"max |Δreward| {v['max_abs_delta']:.3g}, Spearman {v['spearman'] if v['spearman'] is None else round(v['spearman'], 6)}"
     )
     return 0
+
+
+SCORE_FORMATS = ("auto", "responses", "explicit", "implicit", "conversational", "sharegpt", "ratings")
 
 
 def score_main(argv: Sequence[str] | None = None) -> int:
@@ -1085,10 +1142,21 @@ def score_main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--max-length", type=int, default=None, help="Default: the training recipe's max_length.")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--force", action="store_true", help="Replace an existing --out file.")
     args = ap.parse_args(argv)
+    from .cli import FlagError, check_flags, check_model_dir, check_out_path, user_error
     from .data import DataError
 
     try:
+        check_flags("qrm score", batch_size=args.batch_size, max_length=args.max_length)
+        if args.format not in SCORE_FORMATS:
+            raise FlagError(f"--format {args.format}: expected one of {', '.join(SCORE_FORMATS)}")
+        check_model_dir("--model", args.model)
+        check_out_path("--out", args.out, {"--data": args.data, "--model": args.model})
+        if args.out and Path(args.out).is_dir():
+            raise FlagError(f"--out {args.out}: is a directory; give the path of the JSONL file to write")
+        if args.out and Path(args.out).exists() and not args.force:
+            raise FlagError(f"--out {args.out}: exists; pass --force to replace it")
         summary = score_file(
             args.model,
             args.data,
@@ -1103,8 +1171,7 @@ def score_main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
         )
     except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"qrm score: error: {e}", file=sys.stderr)
-        return 2
+        return user_error("qrm score", e)
     print(
         f"scored {summary['scored']} of {summary['rows']} rows ({summary['mode']})"
         + (f", {summary['skipped']} skipped" if summary["skipped"] else "")

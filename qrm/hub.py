@@ -261,12 +261,27 @@ def _hub_error_message(exc: BaseException, token: str | None, endpoint: str) -> 
                 msg += " (check HF_TOKEN / `hf auth login` and that the token can write to this namespace)"
             return _scrub(msg, token)
         if isinstance(seen, OfflineModeIsEnabled):
-            return "HF_HUB_OFFLINE is set; unset it to push (or use --dry-run)"
+            return (
+                f"{offline_variable() or 'HF_HUB_OFFLINE'} is set (offline mode); unset it to push (or use --dry-run)"
+            )
         # Matched by module so this survives huggingface_hub's httpx -> httpx2 switch without importing either.
         if type(seen).__module__.split(".")[0] in ("httpx", "httpx2") and "Error" in type(seen).__name__:
             return _scrub(f"cannot reach the Hub at {endpoint}: {type(seen).__name__}: {seen}", token)
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+# huggingface_hub turns offline mode on for either variable (huggingface_hub/constants.py reads both).
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def offline_variable() -> str | None:
+    """The environment variable that puts huggingface_hub in offline mode (`NAME=value`), or None when online."""
+    # Same precedence as huggingface_hub: a non-empty HF_HUB_OFFLINE decides, even "0"; else TRANSFORMERS_OFFLINE.
+    name = next((n for n in OFFLINE_VARIABLES if os.environ.get(n)), None)
+    if name is None or os.environ[name].strip().upper() not in ("1", "ON", "YES", "TRUE"):
+        return None
+    return f"{name}={os.environ[name]}"
 
 
 def _scrub(text: str, token: str | None) -> str:
@@ -321,6 +336,8 @@ def push(
         say(f"{_human(result['total_bytes']):>10}  total, {len(files)} files -> {repo_id} (dry run: nothing sent)")
         return result
 
+    if offline := offline_variable():
+        raise PushError(f"{offline} is set (offline mode); unset it to push (or use --dry-run)")
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
     token = get_token()
@@ -379,8 +396,9 @@ def main(argv: list[str] | None = None) -> int:
             commit_message=args.commit_message,
         )
     except PushError as exc:
-        print(f"qrm push: error: {exc}", file=sys.stderr)
-        return 1
+        from .cli import user_error
+
+        return user_error("qrm push", exc)  # exit 2, as every qrm command's bad input
     return 0
 
 

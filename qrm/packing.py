@@ -235,7 +235,13 @@ def support(model: Any) -> tuple[bool, bool, str]:
 
 
 def packed_rewards(model: Any, head: torch.nn.Module | None, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Forward one packed row and return the 2B rewards (chosen first), read at INDEX_KEY.
+    """Forward one packed row and return the 2B rewards (chosen first), read at INDEX_KEY."""
+    return packed_logits(model, head, inputs)[:, 0]
+
+
+def packed_logits(model: Any, head: torch.nn.Module | None, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward one packed row and return the (2B, n) head outputs (chosen first), read at INDEX_KEY; n is 1, or 2
+    with an ODIN length head appended to the score head (qrm/odin.py).
 
     Decoders: the head runs on every position (as in the padded forward) and a hook reads the 2B positions.
     BERT-style encoders: the pooler is given the 2B [CLS] states, so the model's own logits are the rewards."""
@@ -273,5 +279,5 @@ def packed_rewards(model: Any, head: torch.nn.Module | None, inputs: dict[str, t
     finally:
         hook.remove()
     if pooler is not None:
-        return out.logits[:, 0]
-    return captured[-1][0, index, 0]  # (1, T, 1) logits of every position; the 2B read positions matter
+        return out.logits
+    return captured[-1][0, index]  # (1, T, n) logits of every position; the 2B read positions matter

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import textwrap
 from dataclasses import dataclass
 from functools import lru_cache
@@ -495,13 +494,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--assumptions", action="store_true", help="also print what the estimate assumes")
     args, overrides = parser.parse_known_args(argv)
+    if args.num_gpus < 1 or (args.gpu_memory is not None and not 0 < args.gpu_memory < float("inf")):
+        bad = f"--num-gpus {args.num_gpus}" if args.num_gpus < 1 else f"--gpu-memory {args.gpu_memory}"
+        parser.error(f"{bad}: must be >= 1 GPU and a finite number of GiB > 0")
     try:
         p = plan(
             args.recipe, num_gpus=args.num_gpus, gpu_memory_gb=args.gpu_memory, fsdp=args.fsdp, overrides=overrides
         )
     except (ValueError, FileNotFoundError) as e:  # RecipeError is a ValueError
-        print(f"qrm plan: {e}", file=sys.stderr)
-        return 2
+        from .cli import user_error
+
+        return user_error("qrm plan", e)
     if args.json:
         print(json.dumps(p, indent=2))
     else:

@@ -557,16 +557,19 @@ def _fmt(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
-def check_resume_recipe(checkpoint: str, output_dir: str, force: bool = False) -> list[str]:
-    """Compare the recipe and training data `checkpoint` was trained with against this run's (the provenance
-    `build_trainer` just wrote into `output_dir`); raise `RecipeError` naming what changed, unless `force`.
+def check_resume_recipe(
+    checkpoint: str, output_dir: str, force: bool = False, current: tuple[dict, dict] | None = None
+) -> list[str]:
+    """Compare the recipe and training data `checkpoint` was trained with against this run's: `current` (resolved
+    recipe, versions info; what `build_trainer` is about to write, so nothing is written before the decision), else
+    the provenance in `output_dir`; raise `RecipeError` naming what changed, unless `force`.
 
-    Returns the differences (with `force`, also logged). On refusal output_dir's provenance is put back to the
-    checkpoint's, so it keeps describing the checkpoints it holds."""
+    Returns the differences (with `force`, also logged). On refusal without `current`, output_dir's provenance is
+    put back to the checkpoint's, so it keeps describing the checkpoints it holds."""
     from .config import RecipeError
 
     saved_recipe, saved_versions = _read_provenance(checkpoint)
-    recipe, versions = _read_provenance(output_dir)
+    recipe, versions = current if current is not None else _read_provenance(output_dir)
     name = os.path.basename(os.path.normpath(checkpoint))
     if saved_recipe is None or recipe is None:
         logger.warning("%s: no %s to compare with this recipe; resuming unchecked", checkpoint, PROVENANCE_FILES[0])
@@ -584,7 +587,7 @@ def check_resume_recipe(checkpoint: str, output_dir: str, force: bool = False) -
     if force:
         logger.warning("resume_force: resuming from %s although %s", checkpoint, "; ".join(problems))
         return problems
-    if int(os.environ.get("RANK", 0)) == 0:
+    if current is None and int(os.environ.get("RANK", 0)) == 0:
         for fname in PROVENANCE_FILES:
             if os.path.isfile(os.path.join(checkpoint, fname)):
                 shutil.copyfile(os.path.join(checkpoint, fname), os.path.join(output_dir, fname))
@@ -595,7 +598,7 @@ def check_resume_recipe(checkpoint: str, output_dir: str, force: bool = False) -
     )
 
 
-def resume_checkpoint(args: Any) -> str | None:
+def resume_checkpoint(args: Any, current: tuple[dict, dict] | None = None) -> str | None:
     """The checkpoint to continue from as `args.resume` says (auto, never, or a path; `resume_from_checkpoint` is
     the same as a path), checked against the current recipe; None to start afresh.
 
@@ -629,8 +632,8 @@ def resume_checkpoint(args: Any) -> str | None:
         problem = checkpoint_problem(path, require_optimizer=require_optimizer)
         if problem:
             raise RecipeError(f"resume={path}: cannot resume from it: {problem}")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if current is None and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # the main process has written this run's provenance into output_dir
-    check_resume_recipe(path, output_dir, force=bool(getattr(args, "resume_force", False)))
+    check_resume_recipe(path, output_dir, force=bool(getattr(args, "resume_force", False)), current=current)
     logger.info("resuming from %s", path)
     return path

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 RECIPE_FILE = "qrm_recipe.yaml"
+Messages = list[dict[str, Any]]
 DEFAULT_MAX_LENGTH = 1024  # TrainingArguments.max_length's default; a recipe at the default omits the key
 
 
@@ -182,22 +183,52 @@ class RewardModel:
         model.eval()
         return cls(model, tokenizer, max_length or recipe_max)
 
-    def tokenize(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
-        """Token ids as training built them; raises if a response alone exceeds max_length."""
+    def render(self, prompt: str | Messages, response: str | Messages) -> tuple[str, str]:
+        """The (prompt, response) texts training would have built.
+
+        Args:
+            prompt (`str` or `list[dict]`):
+                A prompt text, or the prompt's messages ({"role", "content"}, as TRL passes conversational prompts).
+            response (`str` or `list[dict]`):
+                A response text, or the completion's messages (`[{"role": "assistant", "content": ...}]`).
+
+        Returns:
+            `tuple[str, str]`: strings unchanged; conversations rendered with the tokenizer's chat template, or
+            qrm's plain `\\n\\nHuman: ...\\n\\nAssistant: ...` layout without one (see `render_pair`)."""
+        return render_pair(self.tokenizer, prompt, response)
+
+    def tokenize(self, prompts: Sequence[str | Messages], responses: Sequence[str | Messages]) -> list[list[int]]:
+        """Token ids as training built them (conversations rendered by `render`); raises if a response alone
+        exceeds max_length."""
+        prompts, responses = self._texts(prompts, responses)
         ids = tokenize_responses(self.tokenizer, prompts, responses, self.max_length)
         bad = [i for i, x in enumerate(ids) if x is None]
         if bad:
             raise ValueError(f"responses {bad[:10]} alone exceed max_length={self.max_length} tokens")
         return ids  # type: ignore[return-value]
 
-    def score(self, prompt: str, response: str) -> float:
-        """Reward of one response to one prompt."""
+    def _texts(
+        self, prompts: Sequence[str | Messages], responses: Sequence[str | Messages]
+    ) -> tuple[list[str], list[str]]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if all(isinstance(x, str) for x in (*prompts, *responses)):
+            return list(prompts), list(responses)  # type: ignore[arg-type]
+        pairs = [self.render(p, r) for p, r in zip(prompts, responses, strict=True)]
+        return [p for p, _ in pairs], [r for _, r in pairs]
+
+    def score(self, prompt: str | Messages, response: str | Messages) -> float:
+        """Reward of one response to one prompt (strings, or message lists as in `render`)."""
         return self.score_batch([prompt], [response])[0]
 
     def score_batch(
-        self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16, progress: bool = False
+        self,
+        prompts: Sequence[str | Messages],
+        responses: Sequence[str | Messages],
+        batch_size: int = 16,
+        progress: bool = False,
     ) -> list[float]:
-        """Rewards of many (prompt, response) pairs, batched by length."""
+        """Rewards of many (prompt, response) pairs, batched by length (strings, or message lists as in `render`)."""
         seqs = self.tokenize(prompts, responses)
         return score_ids(self.model, seqs, self.tokenizer.pad_token_id, batch_size, progress=progress)
 
@@ -241,7 +272,8 @@ def load_adapter_model(path: str | Path) -> tuple[Any, Any, int]:
     path = Path(path)
     margs, recipe = read_recipe(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model, _ = load_base(margs, tokenizer, trust_remote_code=bool(recipe.get("trust_remote_code", False)))
+    with quiet_load_report():  # the head missing from a *ForCausalLM / BertModel base comes from the adapter next
+        model, _ = load_base(margs, tokenizer, trust_remote_code=bool(recipe.get("trust_remote_code", False)))
     model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     # Match training numerics: TRL trains the LoRA and head weights in bf16 on a 4-bit base.
     if margs.load_in_4bit and margs.bnb_4bit_compute_dtype != "float32":
@@ -261,3 +293,153 @@ def keep_training_matmul(model: Any) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+@contextlib.contextmanager
+def quiet_load_report() -> Any:
+    """Silence transformers' load report (missing/unexpected keys) while loading a base whose score head is
+    expected to be missing: a `*ForCausalLM` or `BertModel` checkpoint has none, and qrm trains or loads it.
+    Errors (size mismatches, conversion errors) still raise."""
+    from transformers.utils import logging as hf_logging
+
+    log = hf_logging.get_logger("transformers.modeling_utils")
+    level = log.level
+    log.setLevel(hf_logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _messages(value: Any, what: str) -> Messages:
+    """A message list with qrm's role names and string contents (TRL's typed text parts joined)."""
+    from .data import ROLE_ALIASES
+
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m for m in value):
+        raise ValueError(f"{what}: expected a string or a list of {{'role', 'content'}} messages, got {value!r:.80}")
+    out = []
+    for m in value:
+        content = m.get("content") or ""
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+        out.append({**m, "role": ROLE_ALIASES.get(str(m["role"]).lower(), m["role"]), "content": content})
+    return out
+
+
+def render_pair(tokenizer: Any, prompt: str | Messages, response: str | Messages) -> tuple[str, str]:
+    """(prompt text, response text) as qrm's data pipeline renders a conversational pair.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`):
+            The reward model's tokenizer; its chat template renders, or qrm's plain layout when it has none.
+        prompt (`str` or `list[dict]`):
+            A text, or messages with qrm's role aliases (`human`, `gpt`, ...) and TRL's typed text parts allowed. A
+            prompt that ends with an assistant message (continue final message) has it joined to the response.
+        response (`str` or `list[dict]`):
+            A text (when `prompt` is one), or the completion's messages.
+
+    Returns:
+        `tuple[str, str]`: the prompt rendered with the generation prompt, and the rest of the conversation."""
+    from .data import PLAIN_ROLE_NAMES, _conversation_pair
+
+    if isinstance(prompt, str) and isinstance(response, str):
+        return prompt, response
+    if isinstance(prompt, str) or isinstance(response, str):
+        raise ValueError("prompt and response must both be strings or both be message lists")
+    p, r = _messages(prompt, "prompt"), _messages(response, "response")
+    if p and p[-1]["role"] == "assistant":
+        if r and r[0]["role"] == "assistant":
+            r = [{**r[0], "content": p[-1]["content"] + r[0]["content"]}, *r[1:]]
+        else:
+            r = [p[-1], *r]
+        p = p[:-1]
+    if not p or not r:
+        raise ValueError("a conversational prompt and response each need at least one message")
+    if not getattr(tokenizer, "chat_template", None):
+        bad = sorted({m["role"] for m in p + r} - set(PLAIN_ROLE_NAMES))
+        if bad:
+            raise ValueError(
+                f"role(s) {bad}: qrm's plain layout (the tokenizer has no chat template) knows only "
+                f"{sorted(PLAIN_ROLE_NAMES)}"
+            )
+    text, out, _ = _conversation_pair(p, r, r, tokenizer)
+    return text, out
+
+
+def policy_device() -> str:
+    """The device an RL trainer's policy uses in this process: `cuda:LOCAL_RANK` under accelerate/torchrun (the
+    current CUDA device otherwise) when there is a GPU, else the CPU."""
+    import os
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    rank = os.environ.get("LOCAL_RANK")
+    return f"cuda:{int(rank) if rank is not None else torch.cuda.current_device()}"
+
+
+class RewardFunction:
+    """A reward model as one of TRL's `reward_funcs`: `fn(prompts, completions, **kwargs) -> list[float | None]`.
+
+    Built by `qrm.reward_function`. Prompts and completions are strings (standard datasets) or message lists
+    (conversational datasets), as `GRPOTrainer` / `RLOOTrainer` pass them; conversations are rendered and every
+    text tokenized exactly as training did, so the rewards equal `qrm score`'s. A completion that alone exceeds
+    the model's max_length gets None (TRL treats it as unscorable) instead of stopping the run."""
+
+    def __init__(self, reward_model: RewardModel, batch_size: int = 16, name: str = "qrm_reward"):
+        self.reward_model = reward_model
+        self.batch_size = batch_size
+        self.__name__ = name
+
+    def __call__(
+        self, prompts: Sequence[str | Messages], completions: Sequence[str | Messages], **kwargs: Any
+    ) -> list[float | None]:
+        rm = self.reward_model
+        texts_p, texts_r = rm._texts(prompts, completions)
+        ids = tokenize_responses(rm.tokenizer, texts_p, texts_r, rm.max_length)
+        keep = [i for i, x in enumerate(ids) if x is not None]
+        rewards = score_ids(rm.model, [ids[i] for i in keep], rm.tokenizer.pad_token_id, self.batch_size)
+        out: list[float | None] = [None] * len(ids)
+        for i, reward in zip(keep, rewards, strict=True):
+            out[i] = reward
+        return out
+
+    def __repr__(self) -> str:
+        return f"RewardFunction({self.__name__!r}, batch_size={self.batch_size})"
+
+
+def reward_function(
+    model: str | Path | RewardModel,
+    batch_size: int = 16,
+    device: str | None = None,
+    max_length: int | None = None,
+    dtype: str | torch.dtype = "auto",
+    name: str | None = None,
+) -> RewardFunction:
+    """A reward model as a TRL reward function: `GRPOTrainer(..., reward_funcs=qrm.reward_function(DIR))`.
+
+    Args:
+        model (`str`, `Path` or `RewardModel`):
+            An export written by `qrm merge`, an adapter dir written by `qrm train`, or a loaded `RewardModel`.
+        batch_size (`int`, *optional*, defaults to `16`):
+            Sequences per forward pass (grouped by length, as `qrm score` does).
+        device (`str`, *optional*):
+            Where an export runs; defaults to the policy's device in this process (`cuda:LOCAL_RANK` under
+            accelerate, else the current GPU, else the CPU). An adapter's 4-bit base goes where training put it.
+        max_length (`int`, *optional*):
+            Defaults to the training recipe's; the prompt is cut from the left to fit, as in training.
+        dtype (`str` or `torch.dtype`, *optional*, defaults to `"auto"`):
+            Dtype of an export's weights ("auto": as stored).
+        name (`str`, *optional*):
+            The `__name__` TRL logs the rewards under (`rewards/<name>/mean`); defaults to `qrm_<dir name>`.
+
+    Returns:
+        `RewardFunction`: called as `fn(prompts, completions, **kwargs)`, returns one reward per completion."""
+    if isinstance(model, RewardModel):
+        return RewardFunction(model, batch_size, name or "qrm_reward")
+    path = Path(model)
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a qrm export or adapter dir (no config.json or adapter_config.json)")
+    rm = RewardModel.from_pretrained(path, device=device or policy_device(), max_length=max_length, dtype=dtype)
+    return RewardFunction(rm, batch_size, name or f"qrm_{path.resolve().name}")

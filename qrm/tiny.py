@@ -77,17 +77,21 @@ def build_tiny_model(
     intermediate: int | None = None,
 ) -> Path:
     """Save a random-init model of `config`'s architecture (shrunk to `hidden` x `layers`) plus a trained tokenizer
-    to `out_dir`."""
+    to `out_dir`, the way pretrained checkpoints are saved: a decoder as its `*ForCausalLM` (with an LM head and
+    no score head, so qrm initialises the head as it does for a real base), anything else as the bare `AutoModel`
+    (`BertModel`)."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM
 
     out = Path(out_dir)
     tok = train_tokenizer(texts, vocab_size=vocab_size)
     cfg = shrink_config(config, vocab_size=len(tok), hidden=hidden, layers=layers, intermediate=intermediate)
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    cfg.num_labels = 1
+    # BERT's causal class (BertLMHeadModel) is not how encoder checkpoints ship; decoders' is `*ForCausalLM`.
+    causal = AutoModelForCausalLM._model_mapping.get(type(cfg), None)
+    auto = AutoModelForCausalLM if causal is not None and causal.__name__.endswith("ForCausalLM") else AutoModel
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(cfg)
+    model = auto.from_config(cfg)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "qrm_tiny.json").write_text(json.dumps({"architecture": type(model).__name__, "seed": seed}) + "\n")

@@ -26,33 +26,29 @@ def _is_main() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
-def _sharded(targs: TrainingArguments) -> bool:
-    """FSDP or DeepSpeed ZeRO-3: parameters are sharded, so every one must share the 4-bit storage dtype."""
-    from .distributed import detect_launch
-
-    return detect_launch(targs).sharding is not None
-
-
 def _trainer_class() -> type:
     from trl import RewardTrainer
 
-    from . import packing
+    from . import odin, packing
     from .reliability import ReliabilityMixin
 
-    class QrmRewardTrainer(ReliabilityMixin, RewardTrainer):
-        """TRL's RewardTrainer with atomic checkpoints, a non-finite guard, no token in pickles, and the `length`
-        column kept for length-grouped sampling."""
+    class QrmRewardTrainer(odin.OdinMixin, ReliabilityMixin, RewardTrainer):
+        """TRL's RewardTrainer with atomic checkpoints, a non-finite guard, no token in pickles, the `length`
+        column kept for length-grouped sampling, and `prompt_len` for ODIN's response lengths."""
 
         def _set_signature_columns_if_needed(self) -> None:
             super()._set_signature_columns_if_needed()
-            if "length" not in self._signature_columns:
-                # TRL's collator ignores keys it does not know, so the extra column is harmless there.
-                self._signature_columns = [*self._signature_columns, "length"]
+            for extra in ("length", "prompt_len"):
+                if extra not in self._signature_columns:
+                    # TRL's collator ignores keys it does not know, so the extra columns are harmless there.
+                    self._signature_columns = [*self._signature_columns, extra]
 
         def compute_loss(
             self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
             """TRL's loss and metrics; batches from `PairPackingCollator` go through the packed forward."""
+            if odin.RESPONSE_LEN_KEY in inputs:
+                return odin.odin_loss(self, model, inputs, return_outputs)
             if packing.INDEX_KEY not in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return _packed_loss(self, model, inputs, return_outputs)
@@ -102,7 +98,7 @@ def build_trainer(
     from transformers import set_seed
 
     from . import data as qdata
-    from .model import count_parameters, load_model, load_tokenizer
+    from .model import count_parameters, load_model
 
     _setup_logging(targs)
     set_seed(targs.seed)
@@ -117,21 +113,39 @@ def build_trainer(
         # TRL casts LoRA and head weights to bf16 for 4-bit models; without autocast the head matmul mixes dtypes.
         logger.info("4-bit backbone with %s compute: enabling bf16 autocast (bf16=True)", margs.bnb_4bit_compute_dtype)
         targs.bf16 = True
-    from .distributed import check_launch
+    from .distributed import check_launch, effective_launch
 
-    fsdp = _sharded(targs)
-    check_launch(margs, targs)
+    launch = effective_launch(targs)  # an FSDP config on CPU-only processes runs as DDP (warned once, unsharded)
+    fsdp = launch.sharding is not None
+    check_launch(margs, targs, launch)
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing and keeps the old name as an alias.
     checkpointing = bool(targs.gradient_checkpointing or getattr(targs, "activation_checkpointing", False))
 
-    # Everything that can be wrong with the data fails here, before any weight is read.
-    tokenizer = load_tokenizer(margs, trust_remote_code=targs.trust_remote_code)
+    # Everything that can be wrong with the recipe, the paths and the data fails here, before any weight is read
+    # and before anything is written.
+    from .preflight import (
+        check_lora_targets,
+        check_model_source,
+        check_output_dir,
+        decide_output_dir,
+        load_tokenizer_or_explain,
+    )
+
+    sources = getattr(targs, "qrm_sources", None)
+    local_model = check_model_source(margs, sources)
+    inputs = {"dataset": dargs.dataset, "eval_dataset": dargs.eval_dataset, "model_name_or_path": local_model}
+    check_output_dir(targs.output_dir, inputs, sources)
+    if local_model is not None:
+        check_lora_targets(local_model, largs, sources, trust_remote_code=targs.trust_remote_code)
+    tokenizer = load_tokenizer_or_explain(margs, targs, sources)
     prepared = qdata.prepare(dargs, tokenizer, targs.max_length)
     if _is_main():
         print(prepared.summary(), flush=True)
 
     out = Path(targs.output_dir)
     resolved = to_dict(margs, largs, dargs, targs)
+    # Resume, start afresh, replace (old run moved aside) or refuse: decided before the first file is written.
+    targs.qrm_resume_from = decide_output_dir(targs, resolved, prepared.train, sources)
     if _is_main():
         write_provenance(
             out,
@@ -153,6 +167,9 @@ def build_trainer(
     from .score import keep_training_matmul
 
     keep_training_matmul(model)  # evals must not repack 4-bit weights with bf16 scales (AVX512-BF16 CPUs)
+    from . import odin
+
+    odin.setup(model, targs, sharded=fsdp)  # length_debias: odin; before TRL casts and the optimizer sees weights
     counts = count_parameters(model)
     attn = model.config._attn_implementation if hasattr(model.config, "_attn_implementation") else "?"
     logger.info(
@@ -183,7 +200,7 @@ def build_trainer(
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        data_collator=_collator(model, targs),
+        data_collator=odin.with_response_lengths(_collator(model, targs), targs, tokenizer),
     )
     if fp32_trainables:
         # TRL casts trainable weights to bf16 for quantized models (trl/trainer/reward_trainer.py). With an fp32
@@ -228,9 +245,10 @@ def train(
     margs: ModelArguments, largs: LoraArguments, dargs: DataArguments, targs: TrainingArguments
 ) -> dict[str, Any]:
     """Train a reward model as the recipe says and write everything into `targs.output_dir`; returns metrics."""
+    from .distributed import score_pairs_across_ranks
     from .model import count_parameters
+    from .odin import quality_only
     from .packing import restore_attention
-    from .score import score_pair_rows
 
     trainer, prepared = build_trainer(margs, largs, dargs, targs)
     tokenizer = trainer.processing_class
@@ -241,6 +259,7 @@ def train(
     result = trainer.train(resume_from_checkpoint=_resume_arg(targs))
     train_seconds = time.time() - t0
     restore_attention(trainer.model)  # the per-pair sdpa kernel is a training-time detail; save and score as sdpa
+    quality_only(trainer.model)  # ODIN: reports, verify pairs and exports score the quality head alone
 
     metrics: dict[str, Any] = {
         "train_loss": result.training_loss,
@@ -251,7 +270,8 @@ def train(
     }
     if eval_ds is not None:
         # One scoring pass gives everything (trainer.evaluate() would run the same forward a second time).
-        chosen, rejected = score_pair_rows(
+        # Each process scores its share of the pairs once; all get every reward back.
+        chosen, rejected = score_pairs_across_ranks(
             trainer.model, prepared.eval, tokenizer.pad_token_id, targs.per_device_eval_batch_size
         )
         # The same metrics `qrm eval` reports (ties count 0.5); the main process also writes the report and plots.
@@ -286,7 +306,12 @@ def _resume_arg(targs: TrainingArguments) -> Any:
     reason; never: None), refused with a RecipeError when it was trained with a recipe or data that differ."""
     from .reliability import resume_checkpoint
 
-    return resume_checkpoint(targs)
+    # build_trainer decided before writing anything; only a caller that skipped it decides here.
+    path = targs.qrm_resume_from if hasattr(targs, "qrm_resume_from") else resume_checkpoint(targs)
+    if path is not None and _is_main() and not logger.isEnabledFor(logging.INFO):
+        # reliability logs this at INFO, which the Trainer's default (passive) log level hides; say it once anyway.
+        print(f"[qrm] resuming from {path}", flush=True)
+    return path
 
 
 def _finite(d: Any) -> Any:
@@ -339,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qrm: error: {e}; the last good checkpoint in the output dir is kept", file=sys.stderr)
         return NONFINITE_EXIT
     except (RecipeError, DataError) as e:
-        print(f"qrm: error: {e}", file=sys.stderr)
-        return 2
+        from .cli import user_error
+
+        return user_error("qrm train", e)
     return 0

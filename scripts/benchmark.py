@@ -14,9 +14,9 @@ import sys
 
 
 def main() -> int:
-    from qrm.bench import main as bench_main
+    from qrm.cli import run  # one handler for every command, as `qrm bench`
 
-    return bench_main(sys.argv[1:])
+    return run("bench", sys.argv[1:])
 
 
 if __name__ == "__main__":

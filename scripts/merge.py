@@ -12,9 +12,9 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """Run `qrm merge` with the given (or command-line) arguments."""
     # Imported here so `--help` and import checks stay cheap; torch loads only when merging.
-    from qrm.export import merge_main
+    from qrm.cli import run  # one handler for every command: exit codes and one-line errors as `qrm merge`
 
-    return merge_main(sys.argv[1:] if argv is None else argv)
+    return run("merge", sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """Run `qrm push` with the given (or command-line) arguments."""
     # Imported here so `--help` and import checks stay cheap and huggingface_hub loads only when used.
-    from qrm.hub import main as push_main
+    from qrm.cli import run  # one handler for every command: exit codes and one-line errors as `qrm push`
 
-    return push_main(argv)
+    return run("push", sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     """Run `qrm score` with the given (or command-line) arguments."""
-    from qrm.export import score_main
+    from qrm.cli import run  # one handler for every command: exit codes and one-line errors as `qrm score`
 
-    return score_main(sys.argv[1:] if argv is None else argv)
+    return run("score", sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

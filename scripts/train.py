@@ -6,9 +6,9 @@ import sys
 
 
 def main() -> int:
-    from qrm.train import main as train_main
+    from qrm.cli import run  # one handler for every command: exit codes and one-line errors as `qrm train`
 
-    return train_main(sys.argv[1:])
+    return run("train", sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -49,3 +49,24 @@ def test_resolved_recipe_reparses_and_redacts_tokens(tmp_path):
     assert again[1].lora_r == 8 and again[3].learning_rate == cfgs[3].learning_rate
     versions = json.loads((tmp_path / "qrm_versions.json").read_text())["versions"]
     assert {"torch", "transformers", "trl", "peft", "bitsandbytes"} <= set(versions)
+
+
+def test_errors_blame_the_recipe_line_or_the_flag_and_overrides_are_logged(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(DEMO.read_text() + "\nlora_dropout: 1.5\n")
+    line = len(recipe.read_text().splitlines())
+    with pytest.raises(RecipeError, match=rf"r\.yaml:{line}: lora_dropout=1\.5 must be < 1"):
+        parse_recipe(["--recipe", str(recipe)])
+    with pytest.raises(RecipeError, match=r"^command line --lora_dropout: lora_dropout=-0\.5 must be >= 0"):
+        parse_recipe(["--recipe", str(recipe), "--lora_dropout", "-0.5"])
+    assert f"lora_dropout: the command line value overrides 1.5 from {recipe}:{line}" in capsys.readouterr().err
+    with pytest.raises(RecipeError, match=r"r\.yaml:\d+: per_device_train_batch_size: invalid int value: 'x'"):
+        recipe.write_text(DEMO.read_text().replace("per_device_train_batch_size: 8", "per_device_train_batch_size: x"))
+        parse_recipe(["--recipe", str(recipe)])
+
+
+def test_no_silent_zero_epoch_run_and_no_abbreviated_flags():
+    with pytest.raises(RecipeError, match=r"num_train_epochs=-1\.0 must be > 0"):
+        parse_recipe(["--recipe", str(DEMO), "--num_train_epochs", "-1"])
+    with pytest.raises(RecipeError, match="unknown field"):
+        parse_recipe(["--recipe", str(DEMO), "--learning_rat", "1e-4"])

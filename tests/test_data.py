@@ -178,7 +178,7 @@ def test_malformed_messages(tmp_path, minilm_tokenizer):
     }
     path = write_jsonl(tmp_path / "msg.jsonl", [row])
     with pytest.raises(
-        DataError, match=r"msg\.jsonl: row 1: field 'chosen' message 0 must be an object with 'role' and 'content'"
+        DataError, match=r"msg\.jsonl: row 1: field 'chosen' message 1 must be an object with 'role' and 'content'"
     ):
         pairs_of(path, minilm_tokenizer)
 
@@ -245,3 +245,41 @@ def test_prepare_counts_match_and_eval_fraction_is_seeded(minilm_tokenizer):
     assert rep.pairs == 300 and len(a.train) == 300 - rep.dropped_too_long
     assert not {r["row"] for r in a.train} & {r["row"] for r in a.eval}
     assert "Data: every row accounted for" in a.summary()
+
+
+# ------------------------------------------------------------------------------------------ meaning checks
+
+
+def test_duplicates_are_counted_and_kept(tmp_path, minilm_tokenizer):
+    row = {"prompt": "p", "chosen": "good", "rejected": "bad"}
+    path = write_jsonl(tmp_path / "d.jsonl", [row, {**row, "chosen": "fine"}, row, row])
+    pairs, rep = pairs_of(path, minilm_tokenizer)
+    assert len(pairs) == 4 and rep.duplicates == 2
+    assert rep.as_dict()["duplicate_pairs"] == 2 and any("duplicate pairs (kept)  2" in x for x in rep.lines())
+
+
+def test_bad_implicit_rows_are_errors_or_counted_drops(tmp_path, minilm_tokenizer):
+    hh = "\n\nHuman: {h}\n\nAssistant: {a}"
+    rows = [
+        {"chosen": hh.format(h="Hi", a="Hello"), "rejected": hh.format(h="Hi", a="Go away")},  # fine
+        {"chosen": "Alpha beta", "rejected": "Gamma"},  # no shared prompt
+        {"chosen": hh.format(h="Hi", a="a") + hh.format(h="Q", a="x"), "rejected": hh.format(h="Hi", a="b") + "y"},
+        {"chosen": "The answer is blue", "rejected": "The answer is blue and green"},  # empty chosen response
+        {"chosen": hh.format(h="Hi", a="Sure"), "rejected": hh.format(h="Hi", a="")},  # a real empty HH reply
+    ]
+    path = write_jsonl(tmp_path / "i.jsonl", rows)
+    with pytest.raises(DataError, match=r"i\.jsonl: row 2: chosen and rejected share no common start"):
+        pairs_of(path, minilm_tokenizer)
+    pairs, rep = pairs_of(path, minilm_tokenizer, drop_bad_implicit_pairs=True)
+    assert [p["row"] for p in pairs] == [1, 5] and pairs[1]["rejected"] == " "
+    assert dict(rep.skipped) == {
+        "implicit: no shared prompt": 1,
+        "implicit: differing turn": 1,
+        "implicit: empty response": 1,
+    }
+
+
+def test_eval_fraction_that_leaves_no_training_pair(tmp_path, minilm_tokenizer):
+    path = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match="leaves no training pair"):
+        prepare(DataArguments(dataset=str(path), eval_fraction=0.5), minilm_tokenizer, 64)

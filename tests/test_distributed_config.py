@@ -150,6 +150,42 @@ def test_check_launch_reads_trainer_fsdp_arguments(monkeypatch: pytest.MonkeyPat
     check_launch(SimpleNamespace(load_in_4bit=False, bnb_4bit_quant_storage="uint8"), targs)
 
 
+@pytest.mark.parametrize("config", ["fsdp.yaml", "fsdp_multinode.yaml"])
+def test_fsdp_config_on_cpu_processes_warns_once_and_runs_unsharded(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, config: str
+) -> None:
+    """accelerate builds no FSDP plugin for MULTI_CPU processes (it runs DDP): qrm says so and loads unsharded."""
+    import logging
+
+    from qrm.distributed import LaunchError, check_launch, effective_launch
+
+    margs, targs = _recipe(SINGLE_RECIPE)  # uint8 storage: refused under a real FSDP launch
+    _launched_with(monkeypatch, config)
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}
+    with caplog.at_level(logging.WARNING, logger="qrm"):
+        launch = effective_launch(targs, environ=env, distributed_type="MULTI_CPU")
+    assert launch.sharding is None and "run as DDP over 2 CPU processes" in launch.source
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert "FSDP2" in lines[0] and "MULTI_CPU" in lines[0] and "running as DDP over 2 CPU processes" in lines[0]
+    check_launch(margs, targs, launch)  # not treated as sharded: the uint8 storage is fine for DDP
+    assert env["ACCELERATE_USE_FSDP"] == "true"  # a mapping passed in is only read
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qrm"):
+        effective_launch(targs, environ={**env, "RANK": "1"}, distributed_type="MULTI_CPU")
+    assert not caplog.records, "only rank 0 warns"
+    # On GPUs the same config shards, and the storage check applies.
+    gpu = effective_launch(targs, environ=env, distributed_type="MULTI_GPU")
+    assert gpu.name == "FSDP2"
+    with pytest.raises(LaunchError):
+        check_launch(margs, targs, gpu)
+    # Read from the process itself (no GPU here): falls back and turns accelerate's FSDP switch off for transformers,
+    # which would otherwise load the weights on rank 0 only (is_fsdp_enabled) for a run that is not FSDP.
+    assert effective_launch(targs).sharding is None
+    assert os.environ["ACCELERATE_USE_FSDP"] == "false"
+
+
 def _fsdp2_save_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
     import torch
     import torch.distributed as dist

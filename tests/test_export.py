@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import hh_rows, write_jsonl
+from conftest import MINILM, hh_rows, write_jsonl
 
 from qrm.export import (
     DEFAULT_MIN_AGREEMENT,
@@ -27,47 +27,15 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama trained 10 steps in 4-bit NF4 with fp32 compute; lr high enough that LoRA and head move."""
-    from qrm.config import parse_recipe
-    from qrm.train import train
-
-    tmp = tmp_path_factory.mktemp("export")
-    data = write_jsonl(tmp / "pairs.jsonl", hh_rows(120))
-    out = tmp / "adapter"
-    train(
-        *parse_recipe(
-            [
-                "--model_name_or_path", str(tiny_llama),
-                "--dataset", str(data),
-                "--dataset_format", "implicit",
-                "--eval_fraction", "0.25",
-                "--bnb_4bit_compute_dtype", "float32",
-                "--bf16", "false",
-                "--output_dir", str(out),
-                "--max_steps", "10",
-                "--per_device_train_batch_size", "8",
-                "--learning_rate", "5e-3",
-                "--max_length", "128",
-                "--lora_r", "8",
-                "--lora_alpha", "16",
-                "--lora_dropout", "0.0",
-                "--gradient_checkpointing", "false",
-                "--save_strategy", "no",
-                "--eval_strategy", "no",
-                "--report_to", "none",
-                "--disable_tqdm", "true",
-            ]
-        )
-    )  # fmt: skip
-    assert (out / "verify_pairs.jsonl").is_file()
-    return out
+def adapter(rm_adapter: Path) -> Path:
+    """The tiny Llama (saved as LlamaForCausalLM, as real checkpoints are) trained 10 steps in 4-bit NF4."""
+    return rm_adapter
 
 
 @pytest.fixture(scope="module")
-def exact(adapter: Path) -> dict:
+def exact(rm_export: dict) -> dict:
     """The exact merge in float32: the export that should reproduce the 4-bit model to float rounding."""
-    return merge(adapter, adapter.parent / "exact-fp32", method="exact", dtype="float32")
+    return rm_export
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +114,8 @@ def test_export_layout_for_serving(exact: dict, adapter: Path) -> None:
     """What vLLM and transformers rely on: *ForSequenceClassification, 1 label, pad token, safetensors, score.weight."""
     from safetensors import safe_open
 
+    from qrm.score import read_recipe
+
     out = Path(exact["out_dir"])
     names = {p.name for p in out.rglob("*")}
     assert not [n for n in names if n.endswith(PICKLE_SUFFIXES)], names
@@ -154,7 +124,11 @@ def test_export_layout_for_serving(exact: dict, adapter: Path) -> None:
     assert {"qrm_recipe.yaml", "qrm_versions.json", "metrics.json", "qrm_export.json"} <= names
     assert "verify_pairs.jsonl" not in names  # held-out data stays with the adapter
     config = json.loads((out / "config.json").read_text())
+    # The base was saved as a real checkpoint is (LlamaForCausalLM); the export names the class it holds.
+    base = read_recipe(adapter)[0].model_name_or_path
+    assert json.loads((Path(base) / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert config["problem_type"] == "regression"
     assert len(config["id2label"]) == 1
     assert config["pad_token_id"] is not None and config["pad_token_id"] != config["eos_token_id"]
     assert "quantization_config" not in config
@@ -165,49 +139,130 @@ def test_export_layout_for_serving(exact: dict, adapter: Path) -> None:
         assert f.metadata() == {"format": "pt"}
     assert not any("lora" in k or "base_layer" in k or "absmax" in k for k in keys)
     # The recipe is still re-readable for the model fields, and the card carries the verification figures.
-    from qrm.score import read_recipe
-
     assert read_recipe(out)[0].model_name_or_path == read_recipe(adapter)[0].model_name_or_path
     v = json.loads((out / "verification.json").read_text())
     card = (out / "README.md").read_text()
     assert f"{v['pairwise_agreement']:.4f}" in card
     assert f"{v['max_abs_delta']:.3g}" in card
     assert f"{v['spearman']:.6f}" in card
-    assert "function_to_apply" in card and "RewardModel.from_pretrained" in card
+    assert "problem_type: regression" in card and "RewardModel.from_pretrained" in card
+    assert "function_to_apply" not in card and "qrm.reward_function" in card
+    assert json.loads((out / "qrm_export.json").read_text())["tokenizer"]["chat_template"] == "qrm-plain"
     assert '"eval_accuracy"' in card  # metrics.json
     assert "bnb_4bit_compute_dtype: float32" in card  # the recipe
 
 
-@pytest.mark.slow
-def test_export_in_fresh_process_pipeline_equals_reward_model(exact: dict, short_rows: list[dict]) -> None:
-    """A plain `pipeline` on prompt + response gives the RewardModel score and the trained model's reward."""
-    out = exact["out_dir"]
-    rows = short_rows
-    result = _fresh_python(
+CONVERSATIONS = [
+    (
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}],
+        [{"role": "assistant", "content": "4"}],
+    ),
+    (
+        [
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "Another, please?"},
+        ],
+        [{"role": "assistant", "content": "Red, like a tomato."}],
+    ),
+]
+
+
+def _pipeline_check(out: str, rows: list[list[str]]) -> dict:
+    """In a fresh process: the export through `pipeline` with DEFAULT settings and through `qrm.RewardModel`, and its
+    tokenizer's chat template against qrm's rendering of the same conversations."""
+    return _fresh_python(
         f"""
         import json
         from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
         from qrm import RewardModel
-        from qrm.data import special_tokens
-        rows = {json.dumps([[r["prompt"], r["chosen"]] for r in rows])}
+        from qrm.data import render_messages, special_tokens
+        rows, convs = {json.dumps(rows)}, {json.dumps(CONVERSATIONS)}
         _, info = AutoModelForSequenceClassification.from_pretrained({out!r}, output_loading_info=True)
-        pipe = pipeline("text-classification", model={out!r}, function_to_apply="none")
+        pipe = pipeline("text-classification", model={out!r})
         rm = RewardModel.from_pretrained({out!r})
+        tok = AutoTokenizer.from_pretrained({out!r})
+        plain = AutoTokenizer.from_pretrained({out!r}); plain.chat_template = None  # qrm's layout without a template
         print(json.dumps({{
             "missing": sorted(info["missing_keys"]),
             "pipe": [pipe(p + r)[0]["score"] for p, r in rows],
             "rm": rm.score_batch([p for p, _ in rows], [r for _, r in rows]),
-            "specials": special_tokens(AutoTokenizer.from_pretrained({out!r})),
+            "specials": special_tokens(tok),
             "ids_equal": [rm.tokenize([p], [r])[0] == pipe.tokenizer(p + r)["input_ids"] for p, r in rows],
+            "template": [tok.apply_chat_template(p + c, tokenize=False) for p, c in convs],
+            "template_gen": [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p, _ in convs],
+            "qrm": [render_messages(p + c, plain, False) for p, c in convs],
+            "qrm_gen": [render_messages(p, plain, True) for p, _ in convs],
+            "rm_conv": rm.score_batch([p for p, _ in convs], [c for _, c in convs]),
+            "pipe_conv": [pipe(tok.apply_chat_template(p + c, tokenize=False))[0]["score"] for p, c in convs],
         }}))
         """
     )
+
+
+@pytest.mark.slow
+def test_export_in_fresh_process_pipeline_equals_reward_model(exact: dict, short_rows: list[dict]) -> None:
+    """`pipeline("text-classification")` with its defaults on prompt + response gives the raw reward: the
+    RewardModel score and the trained model's reward; the shipped chat template renders what training rendered."""
+    rows = short_rows
+    result = _pipeline_check(exact["out_dir"], [[r["prompt"], r["chosen"]] for r in rows])
     assert result["missing"] == []
     assert all(result["ids_equal"])
     assert result["specials"][1] != []  # the tokenizer now closes with EOS, as qrm did in training
     for p, r, row in zip(result["pipe"], result["rm"], rows, strict=True):
         assert abs(p - r) < 1e-5
         assert abs(p - row["chosen_reward"]) < 1e-4
+    assert any(r < 0 or r > 1 for r in result["pipe"])  # raw rewards, not sigmoid probabilities
+    assert result["template"] == result["qrm"] and result["template_gen"] == result["qrm_gen"]
+    assert result["qrm_gen"][0] == "\n\nSystem: Be brief.\n\nHuman: What is 2 + 2?\n\nAssistant:"
+    for p, r in zip(result["pipe_conv"], result["rm_conv"], strict=True):
+        assert abs(p - r) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def minilm_export(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """all-MiniLM-L6-v2 (saved as BertModel, as published) trained 3 steps in 4 bit and merged exactly in float32."""
+    from qrm.config import parse_recipe
+    from qrm.train import train
+
+    tmp = tmp_path_factory.mktemp("minilm")
+    data = write_jsonl(tmp / "pairs.jsonl", hh_rows(24))
+    out = tmp / "adapter"
+    flags = {
+        "model_name_or_path": MINILM, "dataset": data, "dataset_format": "implicit", "eval_fraction": 0.25,
+        "bnb_4bit_compute_dtype": "float32", "bf16": "false", "output_dir": out, "max_steps": 3,
+        "per_device_train_batch_size": 6, "learning_rate": 5e-3, "max_length": 96, "lora_r": 4, "lora_alpha": 8,
+        "gradient_checkpointing": "false", "save_strategy": "no", "eval_strategy": "no", "report_to": "none",
+        "disable_tqdm": "true",
+    }  # fmt: skip
+    train(*parse_recipe([x for k, v in flags.items() for x in (f"--{k}", str(v))]))
+    return merge(out, tmp / "export", method="exact", dtype="float32")
+
+
+@pytest.mark.slow
+def test_minilm_export_describes_itself_and_pipeline_gives_raw_reward(minilm_export: dict) -> None:
+    from qrm.model import resolve_path
+
+    out = Path(minilm_export["out_dir"])
+    assert json.loads((Path(resolve_path(MINILM)) / "config.json").read_text())["architectures"] == ["BertModel"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
+    assert minilm_export["verification"]["passed"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    rows = [json.loads(line) for line in (out.parent / "adapter" / "verify_pairs.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if len(tok(r["prompt"] + r["chosen"])["input_ids"]) <= 90][:3]  # untruncated by qrm
+    assert rows
+    result = _pipeline_check(str(out), [[r["prompt"], r["chosen"]] for r in rows])
+    assert result["missing"] == [] and all(result["ids_equal"])
+    for p, r, row in zip(result["pipe"], result["rm"], rows, strict=True):
+        assert abs(p - r) < 1e-5
+        assert abs(p - row["chosen_reward"]) < 1e-4
+    assert result["template"] == result["qrm"] and result["template_gen"] == result["qrm_gen"]
+    for p, r in zip(result["pipe_conv"], result["rm_conv"], strict=True):
+        assert abs(p - r) < 1e-5
 
 
 @pytest.mark.slow

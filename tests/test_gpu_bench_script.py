@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ def test_tiny_run_writes_record_with_planner_numbers(tmp_path: Path) -> None:
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"))
     out = tmp_path / "out"
     cmd = [sys.executable, str(SCRIPT), "--tiny", "--recipe", "recipes/llama-2-13b/hh_rlhf_qlora.yaml", "--out-dir"]
-    proc = subprocess.run([*cmd, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([*cmd, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
     files = list(out.glob("*.json"))
@@ -61,3 +62,41 @@ def test_tiny_run_writes_record_with_planner_numbers(tmp_path: Path) -> None:
     assert "measured" in proc.stdout and "planned" in proc.stdout and "goal" in proc.stdout
     assert not list(tmp_path.glob("qrm-gpu-bench-work-*"))  # the random checkpoint is removed
     assert (sorted(RESULTS.iterdir()) if RESULTS.is_dir() else []) == before  # --tiny never writes results
+
+
+def test_gpu_check_dry_run_exercises_every_step(tmp_path: Path) -> None:
+    """benchmarks/gpu/run.sh --dry-run: memory, parity, the FSDP accelerate launch and the summary, on CPU."""
+    out = tmp_path / "results"
+    env = {**os.environ, "TMPDIR": str(tmp_path), "QRM_GPU_OUT": str(out), "OMP_NUM_THREADS": "1"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"))
+    started = time.time()
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "--dry-run"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "gpu-check-cpu.json",
+        "gpu-parity-cpu.json",
+        "llama-3.1-8b-hh_rlhf_fsdp-cpu.json",
+        "llama-3.1-8b-hh_rlhf_qlora-cpu.json",
+    ], names
+    summary = json.loads((out / "gpu-check-cpu.json").read_text())
+    assert [(s["step"], s["status"]) for s in summary["steps"]] == [("memory+parity", "ok"), ("fsdp", "ok")]
+    runs = summary["runs"]
+    assert runs["llama-3.1-8b-hh_rlhf_qlora-cpu.json"]["launch"] == "no sharding"
+    # The FSDP config was launched through accelerate; on CPU accelerate runs it unsharded, and qrm says so once.
+    assert runs["llama-3.1-8b-hh_rlhf_fsdp-cpu.json"]["launch"] == "no sharding"
+    warned = [line for line in (proc.stdout + proc.stderr).splitlines() if "running as one unsharded process" in line]
+    assert len(warned) == 1, warned
+    for run in runs.values():
+        assert math.isfinite(run["train_loss"]) and run["flops_per_token"] > 1e9  # 8B shapes: ~2e10 FLOPs/token
+        assert run["mfu"] is None and run["memory_vs_plan"][0]["planned_gib"] > 0  # no CUDA, no made-up numbers
+    parity = summary["parity"]
+    p, v = parity["packed_prefix_shared_vs_trl_padded"], parity["varlen_packing_vs_trl_padded"]
+    assert p["reward_rel_diff"] < 1e-5 and p["grad_max_rel_diff"] < 1e-4 and p["grad_tensors"] > 10
+    assert p["packed_tokens"] < p["padded_tokens"] and p["speedup"] > 0
+    assert v["ran"] is False and v["why_not"] == "no CUDA (dry run)" and v["reward_rel_diff"] < 1e-5
+    # a dry run never writes benchmarks/results (other files may appear there meanwhile: other benchmarks)
+    assert not [n for n in names if (RESULTS / n).exists() and (RESULTS / n).stat().st_mtime >= started]

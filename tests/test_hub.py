@@ -89,12 +89,23 @@ def export_dir(tmp_path: Path) -> Path:
     return d
 
 
-def run_push(args: list[str], tmp_path: Path, hub: FakeHub | None = None, token: str | None = TOKEN):
+# Variables of the caller's shell that change what huggingface_hub does (TRANSFORMERS_OFFLINE=1 turns on its offline
+# mode too): none may leak into a test, so the suite passes the same in any shell.
+CALLER_HUB_PREFIXES = ("HF_", "HUGGING", "TRANSFORMERS_", "QRM_")
+
+
+def run_push(
+    args: list[str],
+    tmp_path: Path,
+    hub: FakeHub | None = None,
+    token: str | None = TOKEN,
+    extra_env: dict[str, str] | None = None,
+):
     """Run scripts/push.py in a fresh interpreter: huggingface_hub reads HF_ENDPOINT at import time."""
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("HF_", "HUGGING")) and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
+        if not k.startswith(CALLER_HUB_PREFIXES) and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
     }
     env.update(
         PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]),
@@ -110,6 +121,7 @@ def run_push(args: list[str], tmp_path: Path, hub: FakeHub | None = None, token:
     )
     if token:
         env["HF_TOKEN"] = token
+    env.update(extra_env or {})
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "push.py"), *args],
         env=env,
@@ -193,7 +205,7 @@ def test_adapter_only_uploads_adapter_files(adapter_dir: Path, tmp_path: Path) -
 def test_adapter_only_on_export_is_an_error(export_dir: Path, tmp_path: Path) -> None:
     with FakeHub(token=TOKEN) as hub:
         res = run_push(["--path", str(export_dir), "--repo-id", "me/rm", "--adapter-only"], tmp_path, hub)
-    assert res.returncode == 1 and "--adapter-only needs an adapter dir" in res.stderr
+    assert res.returncode == 2 and "--adapter-only needs an adapter dir" in res.stderr
     assert hub.requests == []
 
 
@@ -215,7 +227,7 @@ def test_pickled_weights_are_refused(adapter_dir: Path, tmp_path: Path) -> None:
     (adapter_dir / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
     with FakeHub(token=TOKEN) as hub:
         res = run_push(["--path", str(adapter_dir), "--repo-id", "me/rm"], tmp_path, hub)
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert "no adapter_model.safetensors" in res.stderr and "adapter_model.bin" in res.stderr
     assert hub.requests == []
 
@@ -224,7 +236,7 @@ def test_pickled_weights_are_refused(adapter_dir: Path, tmp_path: Path) -> None:
 def test_hub_errors_are_one_clean_line(adapter_dir: Path, tmp_path: Path, fail: dict[str, int], status: int) -> None:
     with FakeHub(token=TOKEN, fail=fail) as hub:
         res = run_push(["--path", str(adapter_dir), "--repo-id", "me/rm"], tmp_path, hub)
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert "Traceback" not in res.stderr and TOKEN not in res.stderr + res.stdout
     errors = [line for line in res.stderr.splitlines() if line.startswith("qrm push: error:")]
     assert len(errors) == 1 and f"HTTP {status}" in errors[0], res.stderr
@@ -234,9 +246,9 @@ def test_hub_errors_are_one_clean_line(adapter_dir: Path, tmp_path: Path, fail: 
 def test_missing_token_and_missing_dir(adapter_dir: Path, tmp_path: Path) -> None:
     with FakeHub() as hub:
         res = run_push(["--path", str(adapter_dir), "--repo-id", "me/rm"], tmp_path, hub, token=None)
-        assert res.returncode == 1 and "no Hugging Face token" in res.stderr
+        assert res.returncode == 2 and "no Hugging Face token" in res.stderr
         res = run_push(["--path", str(tmp_path / "nope"), "--repo-id", "me/rm"], tmp_path, hub)
-        assert res.returncode == 1 and "no such directory" in res.stderr
+        assert res.returncode == 2 and "no such directory" in res.stderr
     assert hub.requests == []
 
 
@@ -244,7 +256,7 @@ def test_a_token_inside_the_dir_is_never_published(adapter_dir: Path, tmp_path: 
     (adapter_dir / "qrm_recipe.yaml").write_text(f"hub_token: {TOKEN}\n")
     with FakeHub(token=TOKEN) as hub:
         res = run_push(["--path", str(adapter_dir), "--repo-id", "me/rm"], tmp_path, hub)
-    assert res.returncode == 1 and "qrm_recipe.yaml contains what looks like a Hugging Face token" in res.stderr
+    assert res.returncode == 2 and "qrm_recipe.yaml contains what looks like a Hugging Face token" in res.stderr
     assert TOKEN not in res.stderr + res.stdout
     assert hub.requests == []
 
@@ -259,3 +271,15 @@ def test_model_card(adapter_dir: Path, export_dir: Path) -> None:
     meta = yaml.safe_load(card.split("---\n")[1])
     assert "base_model" not in meta and meta["library_name"] == "transformers"  # a local path is no Hub id
     assert "`/local/ckpt`" in card and "AutoModelForSequenceClassification" in card
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_offline_mode_names_the_variable_really_set(adapter_dir: Path, tmp_path: Path, variable: str) -> None:
+    with FakeHub(token=TOKEN) as hub:
+        res = run_push(["--path", str(adapter_dir), "--repo-id", "me/rm"], tmp_path, hub, extra_env={variable: "1"})
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert (
+        res.stderr.strip()
+        == f"qrm push: error: {variable}=1 is set (offline mode); unset it to push (or use --dry-run)"
+    )
+    assert hub.requests == []

@@ -1,0 +1,358 @@
+"""ODIN: length-disentangled reward training (Chen et al., "ODIN: Disentangled Reward Mitigates Hacking in RLHF",
+ICML 2024, arXiv 2402.07319).
+
+The model's ordinary score head is the *quality* head. A second linear head, the *length* head, reads the same
+features (the input of the score head: a decoder's last-token state, a BERT encoder's pooled [CLS]). Per batch of B
+pairs, with r_Q and r_L the two heads' rewards of the 2B responses and L their response lengths:
+
+    loss = BT(r_Q + r_L) + odin_length_weight * (|ρ(r_Q, L)| - ρ(r_L, L)) + odin_ortho_weight * |cos(W_Q, W_L)|
+
+BT is the Bradley-Terry loss −log σ(chosen − rejected) (minus the margin, plus TRL's reward centering when set) and
+ρ the Pearson correlation over the 2B responses of the batch on this process. The paper writes the last term
+|W_Qᵀ W_L|; its scale-free form is used here (the authors' reimplementation normalizes the head weights too), so
+shrinking the weights cannot satisfy it. Response length = tokens of the response: the sequence's tokens after the
+prompt, including the closing EOS/[SEP] (the same count `qrm eval` reports length bias with).
+
+The length head lives beside the adapter in `length_head.safetensors`; the adapter, `qrm merge` and `qrm score`
+see an ordinary one-label model whose reward is the quality head. `qrm eval` reports both heads when the file is
+there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("qrm")
+
+DEBIAS_METHODS = ("none", "odin")
+LENGTH_HEAD_FILE = "length_head.safetensors"
+LENGTH_HEAD_NAME = "qrm_length_head"  # submodule of the transformers model, outside PEFT's adapter state dict
+RESPONSE_LEN_KEY = "qrm_response_len"  # batch key: response tokens of the 2B sequences, chosen first
+
+
+def _inner(model: Any) -> Any:
+    while hasattr(model, "module"):  # DDP / accelerate wrappers
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def score_head(model: Any) -> torch.nn.Module:
+    """The trained one-output score head (PEFT's `ModulesToSaveWrapper` around a Linear), the quality head."""
+    found = [
+        m
+        for m in _inner(model).modules()
+        if isinstance(getattr(m, "original_module", None), torch.nn.Linear) and m.original_module.out_features == 1
+    ]
+    if len(found) != 1:
+        raise ValueError(f"length_debias: odin needs exactly one trained linear score head, found {len(found)}")
+    return found[0]
+
+
+def head_weight(head: torch.nn.Module) -> torch.Tensor:
+    """The active weight (1, hidden) of a score head, under PEFT's wrapper or bare."""
+    if hasattr(head, "modules_to_save") and head.active_adapters:
+        return head.modules_to_save[head.active_adapters[0]].weight
+    return head.weight
+
+
+def length_head(model: Any) -> torch.nn.Linear | None:
+    """The length head attached to `model`, or None."""
+    return getattr(_inner(model), LENGTH_HEAD_NAME, None)
+
+
+def attach_length_head(model: Any) -> torch.nn.Linear:
+    """Add a length head beside the score head and make the model's logits (n, 2): [quality, length].
+
+    The head is initialised like a transformers score head (normal, std `initializer_range`) from the current torch
+    seed, in the score head's dtype and device, and registered on the model, so the Trainer's optimizer, gradient
+    clipping and non-finite guard see it like any trainable weight."""
+    inner = _inner(model)
+    head = score_head(model)
+    w = head_weight(head)
+    lin = torch.nn.Linear(w.shape[1], 1, bias=False, device=w.device, dtype=w.dtype)  # a bias cancels in BT and ρ
+    torch.nn.init.normal_(lin.weight, std=float(getattr(inner.config, "initializer_range", 0.02)))
+    inner.add_module(LENGTH_HEAD_NAME, lin)
+    lin.qrm_hook = head.register_forward_hook(lambda _m, args, out: torch.cat([out, lin(args[0]).to(out.dtype)], -1))
+    return lin
+
+
+def quality_only(model: Any) -> None:
+    """Stop appending the length column: the model scores with the quality head alone (the head stays, to save)."""
+    lin = length_head(model)
+    hook = getattr(lin, "qrm_hook", None)
+    if hook is not None:
+        hook.remove()
+        lin.qrm_hook = None
+
+
+def setup(model: Any, args: Any, sharded: bool) -> torch.nn.Linear | None:
+    """Attach the length head when `args.length_debias == "odin"` (before the Trainer is built); None otherwise."""
+    from .config import RecipeError
+
+    method = getattr(args, "length_debias", "none")
+    if method not in DEBIAS_METHODS:
+        raise RecipeError(f"length_debias={method!r}, expected one of {DEBIAS_METHODS}")
+    if method == "none":
+        return None
+    if sharded:
+        # The length head would be a sharded parameter outside PEFT's state dict, which save_adapter cannot gather.
+        raise RecipeError("length_debias: odin is not supported with FSDP or ZeRO-3 sharding yet; use DDP")
+    lin = attach_length_head(model)
+    logger.info(
+        "length_debias=odin: length head beside the score head (length weight %g, orthogonality weight %g)",
+        args.odin_length_weight,
+        args.odin_ortho_weight,
+    )
+    return lin
+
+
+def save_length_head(lin: torch.nn.Linear, folder: str | os.PathLike) -> Path:
+    """Write the length head's weight to `folder/length_head.safetensors` (written under a temporary name)."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / LENGTH_HEAD_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"weight": lin.weight.detach().cpu().contiguous()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    return path
+
+
+def load_length_head(model: Any, folder: str | os.PathLike, attach: bool = False) -> torch.nn.Linear:
+    """Read `folder/length_head.safetensors` into the model's length head (created when missing, without the
+    logits hook unless `attach`); the weight keeps the dtype the model's head has."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / LENGTH_HEAD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {LENGTH_HEAD_FILE} (trained with length_debias: odin?)")
+    weight = load_file(str(path))["weight"]
+    lin = length_head(model)
+    if lin is None:
+        lin = attach_length_head(model)
+        if not attach:
+            quality_only(model)
+    if lin.weight.shape != weight.shape:
+        raise ValueError(f"{path}: weight of shape {tuple(weight.shape)}, the model needs {tuple(lin.weight.shape)}")
+    with torch.no_grad():
+        lin.weight.copy_(weight.to(lin.weight.dtype))
+    return lin
+
+
+@contextlib.contextmanager
+def length_reward(model: Any) -> Iterator[Any]:
+    """Within the block the model's reward is the length head's: the score head's output is replaced by it."""
+    lin = length_head(model)
+    if lin is None:
+        raise ValueError("the model has no length head")
+    hook = score_head(model).register_forward_hook(lambda _m, args, out: lin(args[0]).to(out.dtype))
+    try:
+        yield model
+    finally:
+        hook.remove()
+
+
+@dataclass
+class ResponseLengthCollator:
+    """Wraps a pair collator and adds `RESPONSE_LEN_KEY`: the response tokens of each chosen, then each rejected
+    sequence (sequence length minus `prompt_len`, as `qrm eval` counts them)."""
+
+    inner: Any
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner(examples)
+        lens = [len(ex[k]) - ex["prompt_len"] for k in ("chosen_ids", "rejected_ids") for ex in examples]
+        batch[RESPONSE_LEN_KEY] = torch.tensor(lens, dtype=torch.float)
+        return batch
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Pearson correlation of two 1-D tensors; 0 when either is constant (no NaN, so no false non-finite stop)."""
+    xc, yc = x - x.mean(), y - y.mean()
+    return (xc * yc).sum() / torch.sqrt((xc * xc).sum() * (yc * yc).sum() + eps)
+
+
+def odin_objective(
+    quality: torch.Tensor,
+    length: torch.Tensor,
+    response_len: torch.Tensor,
+    w_quality: torch.Tensor,
+    w_length: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    length_weight: float = 1.0,
+    ortho_weight: float = 1.0,
+    center_coefficient: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """The ODIN loss and its terms for one batch.
+
+    Args:
+        quality (`torch.Tensor`): quality-head rewards of the 2B responses, chosen first.
+        length (`torch.Tensor`): length-head rewards, same order.
+        response_len (`torch.Tensor`): response tokens, same order.
+        w_quality (`torch.Tensor`): quality head weight.
+        w_length (`torch.Tensor`): length head weight.
+        margin (`torch.Tensor`, *optional*): per-pair margin subtracted inside the BT loss, as TRL does.
+        length_weight (`float`, *optional*, defaults to `1.0`): weight of |ρ(r_Q, L)| − ρ(r_L, L).
+        ortho_weight (`float`, *optional*, defaults to `1.0`): weight of |cos(W_Q, W_L)|.
+        center_coefficient (`float`, *optional*): TRL's `center_rewards_coefficient`, applied to the summed reward.
+
+    Returns:
+        `dict` with `loss` and the terms `bt`, `corr_quality`, `corr_length`, `ortho` (all fp32 scalars).
+    """
+    q, lr, n = quality.float(), length.float(), response_len.float()
+    total = q + lr
+    chosen, rejected = total.chunk(2)
+    diff = chosen - rejected if margin is None else chosen - rejected - margin.float()
+    bt = -torch.nn.functional.logsigmoid(diff).mean()
+    rho_q, rho_l = pearson(q, n), pearson(lr, n)
+    wq, wl = w_quality.float().reshape(-1), w_length.float().reshape(-1)
+    ortho = torch.abs(torch.nn.functional.cosine_similarity(wq, wl, dim=0))
+    loss = bt + length_weight * (torch.abs(rho_q) - rho_l) + ortho_weight * ortho
+    if center_coefficient is not None:
+        loss = loss + center_coefficient * torch.mean((chosen + rejected) ** 2)
+    return {"loss": loss, "bt": bt, "corr_quality": rho_q, "corr_length": rho_l, "ortho": ortho}
+
+
+def odin_loss(trainer: Any, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+    """`compute_loss` for ODIN on packed (qrm's collator) or padded (TRL's) batches; logs TRL's metrics for the
+    quality head (what every client scores with) and the ODIN terms as `odin_*`."""
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from .packing import INDEX_KEY, TOKENS_KEY, head_module, packed_logits
+
+    mode = "train" if trainer.model.training else "eval"
+    response_len = inputs.pop(RESPONSE_LEN_KEY)
+    if INDEX_KEY in inputs:
+        if not hasattr(trainer, "_qrm_head"):
+            trainer._qrm_head = head_module(trainer.accelerator.unwrap_model(trainer.model))
+        logits = packed_logits(model, trainer._qrm_head, inputs)
+        n_tokens = inputs[TOKENS_KEY]
+    else:
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+        n_tokens = inputs["attention_mask"].sum()
+    if logits.shape[-1] != 2:
+        raise RuntimeError(f"length_debias=odin expects [quality, length] logits, got {logits.shape[-1]} columns")
+    lin = length_head(model)
+    terms = odin_objective(
+        logits[:, 0],
+        logits[:, 1],
+        response_len,
+        head_weight(score_head(model)),
+        lin.weight,
+        inputs.get("margin"),
+        trainer.args.odin_length_weight,
+        trainer.args.odin_ortho_weight,
+        trainer.args.center_rewards_coefficient,
+    )
+    acc, metrics = trainer.accelerator, trainer._metrics[mode]
+    if mode == "train":
+        trainer._total_train_tokens += acc.gather_for_metrics(n_tokens).sum().item() // trainer._tp_size
+    metrics["num_tokens"] = [trainer._total_train_tokens]
+    with torch.no_grad():
+        quality = logits[:, 0].detach()
+        chosen, rejected = quality.chunk(2)
+        everything = acc.gather(quality)
+        metrics["min_reward"].append(everything.min().item())
+        metrics["mean_reward"].append(everything.mean().item())
+        metrics["max_reward"].append(everything.max().item())
+        metrics["accuracy"].append(acc.gather_for_metrics((chosen > rejected).float().mean()).mean().item())
+        metrics["margin"].append(acc.gather_for_metrics((chosen - rejected).mean()).mean().item())
+        for key in ("bt", "corr_quality", "corr_length", "ortho"):
+            metrics[f"odin_{key}"].append(acc.gather_for_metrics(terms[key].detach()).mean().item())
+    if not return_outputs:
+        return terms["loss"]
+    return terms["loss"], SequenceClassifierOutput(logits=quality[:, None])
+
+
+class OdinMixin:
+    """Saves the length head beside every adapter the Trainer writes (checkpoints and the final output) and
+    restores it when resuming, so a resumed ODIN run continues exactly. A no-op without a length head."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        lin = length_head(self.model)
+        if lin is not None and self.args.should_save:
+            save_length_head(lin, output_dir if output_dir is not None else self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        target = model if model is not None else self.model
+        if length_head(target) is not None:
+            load_length_head(target, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        # load_best_model_at_end: the length head must come from the same checkpoint as the adapter.
+        super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        if length_head(self.model) is not None and best and (Path(best) / LENGTH_HEAD_FILE).is_file():
+            load_length_head(self.model, best)
+
+
+def with_response_lengths(collator: Any, args: Any, tokenizer: Any) -> Any:
+    """The collator to train with: `collator` unchanged without ODIN; with it, wrapped in `ResponseLengthCollator`
+    (None, TRL's default, becomes TRL's `DataCollatorForPreference` as RewardTrainer would build it)."""
+    if getattr(args, "length_debias", "none") != "odin":
+        return collator
+    if collator is None:
+        from trl.trainer.reward_trainer import DataCollatorForPreference
+
+        collator = DataCollatorForPreference(tokenizer.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of)
+    return ResponseLengthCollator(collator)
+
+
+HEAD_KEYS = ("accuracy", "length_reward_spearman", "accuracy_when_chosen_shorter", "accuracy_when_chosen_longer")
+
+
+def eval_heads(
+    rm: Any,
+    folder: str | os.PathLike,
+    rows: list[dict],
+    quality: tuple[list[float], list[float]],
+    batch_size: int = 16,
+) -> dict[str, dict[str, Any]]:
+    """Accuracy and length bias of the quality head, the length head and their sum (what ODIN trained with).
+
+    Args:
+        rm (`qrm.RewardModel`): the adapter model, scoring with its quality head.
+        folder (`str` or `os.PathLike`): the adapter dir holding `length_head.safetensors`.
+        rows (`list[dict]`): tokenized pair rows (`chosen_ids`, `rejected_ids`, `prompt_len`).
+        quality (`tuple`): (chosen, rejected) quality-head rewards of `rows`, already computed.
+        batch_size (`int`, *optional*, defaults to `16`): scoring batch size.
+    """
+    from .evaluate import pair_metrics
+    from .score import score_pair_rows
+
+    load_length_head(rm.model, folder)
+    with length_reward(rm.model):
+        length = score_pair_rows(rm.model, rows, rm.tokenizer.pad_token_id, batch_size)
+    clen = [len(r["chosen_ids"]) - r["prompt_len"] for r in rows]
+    rlen = [len(r["rejected_ids"]) - r["prompt_len"] for r in rows]
+    summed = tuple([q + x for q, x in zip(qs, ls, strict=True)] for qs, ls in zip(quality, length, strict=True))
+    out = {}
+    for name, (c, r) in {"quality": quality, "length": length, "sum": summed}.items():
+        m = pair_metrics(c, r, clen, rlen)
+        out[name] = {k: m[k] for k in HEAD_KEYS}
+    return out
+
+
+def heads_report_lines(heads: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown section for report.md comparing the ODIN heads."""
+    f = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = ["", "## ODIN heads", "", "The model (and every export) scores with the quality head; the length head and"]
+    lines[-1] += " the sum (what the Bradley-Terry loss was applied to) are shown for comparison."
+    lines += ["", "| head | accuracy | reward-length Spearman | acc. chosen shorter | acc. chosen longer |"]
+    lines += ["|---|---|---|---|---|"]
+    for name, m in heads.items():
+        short, long_ = m["accuracy_when_chosen_shorter"], m["accuracy_when_chosen_longer"]
+        lines.append(
+            f"| {name} | {f(m['accuracy'])} | {f(m['length_reward_spearman'])} | {f(short['accuracy'])} "
+            f"(n={short['n']}) | {f(long_['accuracy'])} (n={long_['n']}) |"
+        )
+    return lines
