@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from pathlib import Path
@@ -156,15 +157,18 @@ def load_base(
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     # Under FSDP every parameter must share one dtype with the 4-bit storage so the shards flatten together.
     dtype = torch_dtype(margs.bnb_4bit_quant_storage) if fsdp else torch.float32
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path,
-        config=config,
-        revision=margs.model_revision,
-        trust_remote_code=trust_remote_code,
-        attn_implementation=attn,
-        dtype=dtype,
-        **kwargs,
-    )
+    with quiet_load_report():
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            config=config,
+            revision=margs.model_revision,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn,
+            dtype=dtype,
+            output_loading_info=True,
+            **kwargs,
+        )
+    _report_missing(info.get("missing_keys") or [], heads)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -176,6 +180,33 @@ def load_base(
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     return model, heads
+
+
+@contextlib.contextmanager
+def quiet_load_report() -> Any:
+    """Silence transformers' load report (missing/unexpected keys) while loading a base whose score head is
+    expected to be missing: a `*ForCausalLM` or `BertModel` checkpoint has none, and qrm trains or loads it.
+    Errors (size mismatches, conversion errors) still raise."""
+    from transformers.utils import logging as hf_logging
+
+    log = hf_logging.get_logger("transformers.modeling_utils")
+    level = log.level
+    log.setLevel(hf_logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _report_missing(missing: list[str], heads: list[str]) -> None:
+    """One line for the expected case (a `*ForCausalLM`/`BertModel` base has no score head, qrm adds it), a warning
+    naming the weights for anything else the checkpoint lacks."""
+    is_head = [any(k == h or k.startswith(f"{h}.") or f".{h}." in k for h in heads) for k in missing]
+    if missing and all(is_head):
+        logger.info("score head %s is new (the base checkpoint has none): initialised, trained in full precision", heads)
+    others = [k for k, h in zip(missing, is_head, strict=True) if not h]
+    if others:
+        logger.warning("the base checkpoint lacks %d weights, initialised at random: %s", len(others), others[:8])
 
 
 def _check_trainable(model: Any, heads: list[str]) -> None:

@@ -10,7 +10,7 @@ Output safety, what `qrm train` may do with its `output_dir`:
   and data (changed fields are named, `resume_force: true` overrides); otherwise refuse, unless
   `replace_output_dir: true`, which renames the old directory to `<output_dir>.replaced-<time>` (nothing is deleted,
   and nothing of the old run stays mixed with the new one).
-- A `README.md` that PEFT did not write is the user's: a resumed run, whose adapter save would replace it, is refused.
+- A `README.md` that neither PEFT nor TRL wrote is the user's: a resumed run, whose adapter save would replace it, is refused.
 - `output_dir` may not be, or lie inside, an input (data file, model directory), nor be a file.
 """
 
@@ -58,11 +58,15 @@ def _user_readme(out: Path) -> bool:
     readme = out / "README.md"
     if not readme.is_file():
         return False
+    from huggingface_hub.repocard import metadata_load
+
     try:
-        text = readme.read_text(encoding="utf-8", errors="replace")
-    except OSError:
+        meta = metadata_load(readme) or {}
+    except (OSError, ValueError):
         return True
-    return "library_name: peft" not in text  # PEFT's model card, which every adapter save rewrites
+    # PEFT's card (every adapter save rewrites it) and TRL's (RewardTrainer writes it beside every checkpoint,
+    # trl/trainer/base_trainer.py create_model_card) are the run's own; any other README is the user's.
+    return not (meta.get("library_name") == "peft" or "reward-trainer" in (meta.get("tags") or []))
 
 
 def decide_output_dir(targs: Any, resolved: dict[str, Any], train_rows: list[dict], sources: Any = None) -> Any:
@@ -189,7 +193,7 @@ def check_model_source(margs: Any, where: Any = None) -> str | None:
                 json.loads((path / "config.json").read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError) as e:
                 raise RecipeError(f"{head}: {path / 'config.json'} is not valid JSON: {e}") from None
-            if not any(path.glob(pattern) for pattern in WEIGHT_PATTERNS):
+            if not any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS):
                 raise RecipeError(f"{head}: the directory has a config.json but no weights (*.safetensors, *.bin)")
             return str(path)
         hint = " (it is a LoRA adapter dir: give its base model)" if (path / "adapter_config.json").is_file() else ""

@@ -272,6 +272,8 @@ def load_adapter_model(path: str | Path) -> tuple[Any, Any, int]:
     path = Path(path)
     margs, recipe = read_recipe(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    from .model import quiet_load_report
+
     with quiet_load_report():  # the head missing from a *ForCausalLM / BertModel base comes from the adapter next
         model, _ = load_base(margs, tokenizer, trust_remote_code=bool(recipe.get("trust_remote_code", False)))
     model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
@@ -293,22 +295,6 @@ def keep_training_matmul(model: Any) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-
-
-@contextlib.contextmanager
-def quiet_load_report() -> Any:
-    """Silence transformers' load report (missing/unexpected keys) while loading a base whose score head is
-    expected to be missing: a `*ForCausalLM` or `BertModel` checkpoint has none, and qrm trains or loads it.
-    Errors (size mismatches, conversion errors) still raise."""
-    from transformers.utils import logging as hf_logging
-
-    log = hf_logging.get_logger("transformers.modeling_utils")
-    level = log.level
-    log.setLevel(hf_logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 def _messages(value: Any, what: str) -> Messages:

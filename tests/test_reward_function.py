@@ -205,3 +205,21 @@ def test_adapter_dir_scores_conversations_like_its_export(rm_adapter, rm) -> Non
         rm.render(p, c) for p, c in zip(prompts, completions, strict=True)
     ]
     assert fn(prompts, completions) == pytest.approx(rm.score_batch(prompts, completions), abs=1e-5)
+
+
+def test_readme_pipeline_snippet_runs_as_written(rm_export, rm, tmp_path, monkeypatch, capsys) -> None:
+    """The README's transformers-pipeline snippet, verbatim: default settings give qrm's raw reward, for plain text and
+    for a conversation rendered by the export's chat template."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### transformers pipeline") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "exports").mkdir()
+    (tmp_path / "exports" / "demo-minilm").symlink_to(rm_export["out_dir"])
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    want = rm.score("\n\nHuman: What is 2 + 2?\n\nAssistant:", " 4")
+    assert [float(x) for x in lines] == pytest.approx([want, want], abs=1e-5)

@@ -131,9 +131,10 @@ def test_train_saves_adapter_that_reloads_with_same_rewards(request, hh_small, t
 def test_bad_data_fails_before_model_load_with_named_row(tiny_llama, tmp_path):
     import shutil
 
-    # Tokenizer and config but no weights: reaching the weight loader would fail differently.
-    no_weights = tmp_path / "no-weights"
+    # Tokenizer and config, and a weights file that is garbage: reaching the weight loader would fail differently.
+    no_weights = tmp_path / "garbage-weights"
     shutil.copytree(tiny_llama, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    (no_weights / "model.safetensors").write_bytes(b"\x00not safetensors" * 64)
     bad = write_jsonl(
         tmp_path / "bad.jsonl",
         [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": None}],
