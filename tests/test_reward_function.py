@@ -173,20 +173,25 @@ def test_reward_function_options_and_errors(rm_export, rm, tmp_path) -> None:
         qrm.reward_function(tmp_path)
 
 
-def test_readme_snippet_runs_as_written(rm_export, rm, tmp_path, monkeypatch, capsys) -> None:
-    """The README's TRL snippet, verbatim, run where `exports/demo-minilm` is the tests' export."""
+def _run_readme_snippet(heading: str, export_dir: str, tmp_path: Path, monkeypatch, capsys) -> tuple[str, list[str]]:
+    """Run the first python block under `heading` in the README, verbatim, where `exports/demo-minilm` is the tests'
+    export; returns the code and the lines it printed."""
     import re
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("### TRL GRPO / RLOO") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    assert 'qrm.reward_function("exports/demo-minilm")' in code
+    code = re.search(r"```python\n(.*?)```", readme[readme.index(heading) :], re.S).group(1)
     (tmp_path / "exports").mkdir()
-    (tmp_path / "exports" / "demo-minilm").symlink_to(rm_export["out_dir"])
+    (tmp_path / "exports" / "demo-minilm").symlink_to(export_dir)
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     exec(compile(code, "README.md", "exec"), {})
-    lines = capsys.readouterr().out.strip().splitlines()
+    return code, capsys.readouterr().out.strip().splitlines()
+
+
+def test_readme_snippet_runs_as_written(rm_export, rm, tmp_path, monkeypatch, capsys) -> None:
+    """The README's TRL snippet, verbatim, run where `exports/demo-minilm` is the tests' export."""
+    code, lines = _run_readme_snippet("### TRL GRPO / RLOO", rm_export["out_dir"], tmp_path, monkeypatch, capsys)
+    assert 'qrm.reward_function("exports/demo-minilm")' in code
     assert len(lines) == 2 and lines[0] == lines[1], lines
     want = rm.score("\n\nHuman: What is 2 + 2?\n\nAssistant:", " 4")
     assert json.loads(lines[0])[0] == pytest.approx(want, abs=1e-6)
@@ -210,16 +215,6 @@ def test_adapter_dir_scores_conversations_like_its_export(rm_adapter, rm) -> Non
 def test_readme_pipeline_snippet_runs_as_written(rm_export, rm, tmp_path, monkeypatch, capsys) -> None:
     """The README's transformers-pipeline snippet, verbatim: default settings give qrm's raw reward, for plain text and
     for a conversation rendered by the export's chat template."""
-    import re
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("### transformers pipeline") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    (tmp_path / "exports").mkdir()
-    (tmp_path / "exports" / "demo-minilm").symlink_to(rm_export["out_dir"])
-    monkeypatch.chdir(tmp_path)
-    capsys.readouterr()
-    exec(compile(code, "README.md", "exec"), {})
-    lines = capsys.readouterr().out.strip().splitlines()
+    _, lines = _run_readme_snippet("### transformers pipeline", rm_export["out_dir"], tmp_path, monkeypatch, capsys)
     want = rm.score("\n\nHuman: What is 2 + 2?\n\nAssistant:", " 4")
     assert [float(x) for x in lines] == pytest.approx([want, want], abs=1e-5)
