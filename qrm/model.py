@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,10 +30,75 @@ def resolve_path(name_or_path: str) -> str:
 
 
 def torch_dtype(name: str) -> torch.dtype:
+    """`torch.bfloat16` for `"bfloat16"`; raises `ValueError` for a name that is not a torch dtype."""
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}")
     return dtype
+
+
+def resolve_precision(margs: ModelArguments, targs: Any) -> str | None:
+    """Make `bf16`, `fp16` and `mixed_precision` of `targs` agree with the 4-bit compute dtype, the one dtype rule
+    for training. Returns a one-line note of what changed, or None.
+
+    - compute dtype float32 (CPUs without bf16 units): fp32 throughout, autocast off;
+    - a 16-bit compute dtype with autocast off: TRL casts LoRA and head to bf16 for 4-bit models, so the head matmul
+      would mix dtypes; bf16 autocast goes on.
+
+    `TrainingArguments.__post_init__` derives `mixed_precision` (what the Trainer hands accelerate) from bf16/fp16,
+    so both are set here, never one alone."""
+    if not margs.load_in_4bit:
+        return None
+    if margs.bnb_4bit_compute_dtype == "float32":
+        if not (targs.bf16 or targs.fp16):
+            return None
+        targs.bf16 = targs.fp16 = False
+        targs.mixed_precision = "no"
+        return "bnb_4bit_compute_dtype=float32: training in fp32 (bf16/fp16 autocast off)"
+    if targs.bf16 or targs.fp16:
+        return None
+    targs.bf16, targs.mixed_precision = True, "bf16"
+    return f"4-bit backbone with {margs.bnb_4bit_compute_dtype} compute: bf16 autocast on (bf16=True)"
+
+
+def trainable_dtype(margs: ModelArguments) -> torch.dtype | None:
+    """The dtype LoRA and head weights train in when it differs from TRL's choice, else None.
+
+    TRL casts trainable weights of a quantized model to bf16 (trl/trainer/reward_trainer.py); with an fp32 compute
+    dtype (bf16 matmuls measured 7x slower on CPUs without bf16 units) they stay fp32 so nothing needs autocast."""
+    return torch.float32 if margs.load_in_4bit and margs.bnb_4bit_compute_dtype == "float32" else None
+
+
+def cast_trainables(model: Any, dtype: torch.dtype, floating_only: bool = False) -> None:
+    """Cast the trainable parameters of `model` (with `floating_only`: every floating-point one) to `dtype`, in
+    place; call it before the optimizer exists."""
+    for p in model.parameters():
+        if (p.is_floating_point() if floating_only else p.requires_grad) and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def autocast_dtype(model: Any) -> torch.dtype | None:
+    """The 16-bit dtype to score `model` under autocast, or None: the 4-bit model as TRL trains it needs it, an
+    export does not.
+
+    With a bf16 compute dtype TRL trains the 4-bit model under bf16 autocast, with bf16 LoRA and head next to fp32
+    norms (or, under FSDP, everything in the bf16 storage dtype): score it the same way. A plain model whose float
+    weights share one dtype (a merged export in bf16 or fp32) runs as is, as `transformers.pipeline` and vLLM
+    run it."""
+    params = list(model.parameters())
+    quantized = any(getattr(p, "quant_state", None) is not None for p in params)
+    # Packed 4-bit storage may carry a float dtype (bnb_4bit_quant_storage); it says nothing about compute.
+    dtypes = {p.dtype for p in params if p.is_floating_point() and getattr(p, "quant_state", None) is None}
+    low = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
+    return low[0] if low and (quantized or len(dtypes) > 1) else None
+
+
+def autocast_for(model: Any) -> contextlib.AbstractContextManager:
+    """Autocast context matching how `model` was trained (see `autocast_dtype`)."""
+    dtype = autocast_dtype(model)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=next(model.parameters()).device.type, dtype=dtype)
 
 
 def load_tokenizer(args: ModelArguments, trust_remote_code: bool = False) -> Any:
@@ -60,17 +124,30 @@ def load_tokenizer(args: ModelArguments, trust_remote_code: bool = False) -> Any
     return tok
 
 
-def choose_attention(requested: str, config: Any = None) -> str:
-    """flash_attention_2 when flash-attn is importable and CUDA is there, else sdpa; eager for an architecture that
-    supports neither (Gemma-2's logit soft-capping)."""
+def choose_attention(requested: str, config: Any = None, cuda: bool | None = None) -> str:
+    """The attention implementation a model will be loaded with: the one rule, used by training, scoring and
+    `qrm plan`.
+
+    Args:
+        requested (`str`): the recipe's `attn_implementation`; anything but `auto` is returned as is.
+        config (`PretrainedConfig`, *optional*, defaults to `None`): the backbone's config, to ask its
+            sequence-classification class what it supports.
+        cuda (`bool`, *optional*, defaults to `None`): whether the model will run on CUDA; `None` asks torch.
+            `qrm plan` passes `True` (it plans for the GPU machine).
+
+    Returns `flash_attention_2` on CUDA when flash-attn is importable and the class supports it, else `sdpa`, and
+    `eager` for a class that supports neither (e.g. Gemma-2's logit soft-capping)."""
     if requested != "auto":
         return requested
     cls = None
     if config is not None:
         from transformers import AutoModelForSequenceClassification
 
+        # transformers has no public lookup from a config to its auto class; `_model_mapping` is what
+        # `from_config` itself reads.
         cls = AutoModelForSequenceClassification._model_mapping.get(type(config), None)
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda and importlib.util.find_spec("flash_attn") is not None:
         if cls is None or getattr(cls, "_supports_flash_attn", False):
             return "flash_attention_2"
     if cls is not None and not getattr(cls, "_supports_sdpa", True):
@@ -78,19 +155,59 @@ def choose_attention(requested: str, config: Any = None) -> str:
     return "sdpa"
 
 
+def meta_model(config: Any, trust_remote_code: bool = False) -> Any:
+    """The backbone as a one-label `AutoModelForSequenceClassification` on the meta device: every shape and
+    module name, no memory, no download. `config` is copied, not changed."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(config)
+    config.num_labels = 1  # transformers 5 no longer accepts num_labels as a from_config kwarg
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def unwrap(model: Any) -> Any:
+    """The transformers model inside DDP/FSDP/accelerate wrappers (`.module`) and PEFT (`get_base_model()`)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _is_head(module: Any) -> bool:
+    inner = getattr(module, "original_module", module)  # PEFT's ModulesToSaveWrapper keeps the original
+    return isinstance(inner, torch.nn.Linear) and inner.out_features == 1
+
+
 def head_module_names(config: Any) -> list[str]:
     """Names of the modules that map hidden states to the single reward (`score`, `classifier`, ...).
 
-    Found on a meta-device instance, so any architecture's naming works and nothing is allocated."""
-    from transformers import AutoModelForSequenceClassification
-
-    with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1]
+    The rule (the only one in qrm): the `Linear` layers with one output of the one-label sequence classifier,
+    found on a meta-device instance, so any architecture's naming works and nothing is allocated."""
+    model = meta_model(config)
+    names = [n for n, m in model.named_modules() if _is_head(m)]
     if not names:
         raise ValueError(f"{type(model).__name__}: found no Linear layer with one output to use as the score head")
     # For ModulesToSaveWrapper and the bnb skip list the leaf name is what matters (`score`, `out_proj`, ...).
     return sorted({n.rsplit(".", 1)[-1] for n in names} | {n for n in names})
+
+
+def score_head(model: Any) -> torch.nn.Module:
+    """The live score head of a model, wrapped or not (under PEFT: its `ModulesToSaveWrapper`).
+
+    Same rule as `head_module_names`: the one `Linear` with one output. qrm's own extra heads (ODIN's length
+    head, named `qrm_*`) and PEFT's inner copies are not candidates. Raises `ValueError` unless exactly one is found."""
+    found = [
+        (n, m)
+        for n, m in unwrap(model).named_modules()
+        if _is_head(m)
+        and not any(part.startswith("qrm_") or part in ("modules_to_save", "original_module") for part in n.split("."))
+    ]
+    if len(found) != 1:
+        names = [n for n, _ in found]
+        raise ValueError(f"{type(unwrap(model)).__name__}: expected one score head (Linear with one output), found {names}")
+    return found[0][1]
 
 
 def load_model(
@@ -223,10 +340,9 @@ def _check_trainable(model: Any, heads: list[str]) -> None:
 
 
 def count_parameters(model: Any) -> dict[str, int]:
+    """`{"trainable": n, "total": n}` parameter counts of `model` (4-bit weights count as stored)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "total": total}
 
 
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()

@@ -1,0 +1,43 @@
+"""The names of the files qrm writes and reads, and what kind of directory holds them: the one owner of that
+knowledge. Every module that opens one of these files takes its name from here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Written by `qrm train` (output_dir and every checkpoint) and copied into exports.
+RECIPE_FILE = "qrm_recipe.yaml"  # the resolved recipe, re-runnable with `qrm train --recipe`
+VERSIONS_FILE = "qrm_versions.json"  # library versions, qrm's commit, the training data's fingerprint
+PROVENANCE_FILES = (RECIPE_FILE, VERSIONS_FILE)
+METRICS_FILE = "metrics.json"  # end-of-training metrics (train) / evaluation metrics (eval)
+DATA_REPORT_FILE = "data_report.json"  # rows read, kept, dropped (and why) per data file
+VERIFY_PAIRS_FILE = "verify_pairs.jsonl"  # held-out pairs with the trained model's rewards: exports are checked on them
+LENGTH_HEAD_FILE = "length_head.safetensors"  # ODIN's length head, beside the adapter (never in an export)
+REPORT_FILE = "report.md"  # qrm eval's human-readable report
+CARD_FILE = "README.md"  # model card (export and Hub)
+
+# PEFT's adapter files, transformers' model files.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+MODEL_CONFIG = "config.json"
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a PEFT adapter dir (what `qrm train` writes): it holds `adapter_config.json`."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def is_export_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a standalone transformers model (what `qrm merge` writes): `config.json`, no adapter."""
+    return (Path(path) / MODEL_CONFIG).is_file() and not is_adapter_dir(path)
+
+
+def dir_kind(path: str | os.PathLike) -> str | None:
+    """"adapter", "export", or None when `path` holds neither an `adapter_config.json` nor a `config.json`."""
+    if is_adapter_dir(path):
+        return "adapter"
+    if is_export_dir(path):
+        return "export"
+    return None
