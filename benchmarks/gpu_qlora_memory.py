@@ -56,7 +56,7 @@ def build_backbone(config_dir: Path, out: Path, tiny: bool) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from qrm.tiny import shrink_config, train_tokenizer
+    from benchmarks.tiny import shrink_config, train_tokenizer
 
     tok = train_tokenizer([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))], vocab_size=512)
     cfg = AutoConfig.from_pretrained(config_dir)
@@ -110,11 +110,49 @@ def step_timer(cuda: bool, times: list[float]) -> Any:
     return StepTimer()
 
 
+def _recipe_args(
+    recipe: Path, args: argparse.Namespace, run_dir: Path, model_dir: Path, data: Path
+) -> tuple[list[str], tuple[Any, Any, Any, Any]]:
+    """(the flags the planner shares with training, the parsed recipe) for one run on the synthetic pairs."""
+    from qrm.config import parse_recipe
+
+    shared = ["--per_device_train_batch_size", str(args.batch), "--gradient_accumulation_steps", "1"]
+    shared += ["--max_length", str(args.max_length), "--activation_checkpointing", "true"]
+    # The planner sizes the worst case, 2 x batch x max_length tokens with nothing shared: measure that case.
+    shared += ["--prefix_sharing", "false"]
+    own = ["--max_steps", str(args.steps), "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "10"]
+    own += ["--report_to", "none", "--output_dir", str(run_dir / "out")]
+    margs, largs, dargs, targs = parse_recipe(["--recipe", str(recipe), *shared, *own])
+    margs.model_name_or_path = str(model_dir)
+    dargs.dataset, dargs.dataset_format, dargs.eval_dataset, dargs.eval_fraction = str(data), "explicit", None, 0.0
+    return shared, (margs, largs, dargs, targs)
+
+
+def _device_peaks(tc: Any, mem: dict[str, Any]) -> dict[str, Any]:
+    """`mem` completed with the CUDA peaks, in GiB. "device": what nvidia-smi would show at the peak, reserved +
+    outside PyTorch's allocator."""
+    (free, mem["gpu_total"]), mem["train_peak_allocated"] = tc.mem_get_info(), tc.max_memory_allocated()
+    mem["train_peak_reserved"] = tc.max_memory_reserved()
+    mem["outside_allocator"] = outside = mem["gpu_total"] - free - tc.memory_reserved()  # context, cuBLAS, NCCL
+    mem["train_device_peak"] = mem["train_peak_reserved"] + outside
+    mem["load_device_peak"] = mem["load_peak_reserved"] + outside if "load_peak_reserved" in mem else None
+    mem["device_peak"] = max(mem["load_device_peak"] or 0, mem["train_device_peak"])
+    return {k: v / GIB if isinstance(v, int) else v for k, v in mem.items()}
+
+
+def _write(res: dict[str, Any], device: str, out_dir: Path) -> None:
+    """Write the record to <out_dir>/<recipe>-<device>.json and print its table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{res['recipe_id']}-{''.join(c if c.isalnum() else '-' for c in device.lower())}.json"
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    print(format_result(res) + f"\nwrote {path}", flush=True)
+
+
 def run_recipe(recipe: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Build, train and measure one recipe; writes the JSON record, prints the table and returns the record."""
     import torch
 
-    from qrm.config import library_versions, parse_recipe
+    from qrm.config import library_versions
     from qrm.distributed import effective_launch
     from qrm.model import choose_attention
     from qrm.packing import PAIR_BLOCKS
@@ -125,15 +163,7 @@ def run_recipe(recipe: Path, args: argparse.Namespace, work: Path) -> dict[str, 
     model_dir = build_backbone(recipe.parent, work / recipe.parent.name, args.tiny)
     build_s, run_dir = time.perf_counter() - t0, Path(tempfile.mkdtemp(prefix="run-", dir=work))
     data = write_pairs(run_dir / "pairs.jsonl", args.steps * args.batch + 1, args.max_length)
-    shared = ["--per_device_train_batch_size", str(args.batch), "--gradient_accumulation_steps", "1"]
-    shared += ["--max_length", str(args.max_length), "--activation_checkpointing", "true"]
-    # The planner sizes the worst case, 2 x batch x max_length tokens with nothing shared: measure that case.
-    shared += ["--prefix_sharing", "false"]
-    own = ["--max_steps", str(args.steps), "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "10"]
-    own += ["--report_to", "none", "--output_dir", str(run_dir / "out")]
-    margs, largs, dargs, targs = parse_recipe(["--recipe", str(recipe), *shared, *own])
-    margs.model_name_or_path = str(model_dir)
-    dargs.dataset, dargs.dataset_format, dargs.eval_dataset, dargs.eval_fraction = str(data), "explicit", None, 0.0
+    shared, (margs, largs, dargs, targs) = _recipe_args(recipe, args, run_dir, model_dir, data)
     # what load_base will pick; an FSDP launch on CPU-only processes runs unsharded (warned once)
     launch, attn = effective_launch(targs), choose_attention(margs.attn_implementation)
     fsdp, overrides = launch.sharding == "fsdp", [*shared, "--attn_implementation", attn]
@@ -157,14 +187,8 @@ def run_recipe(recipe: Path, args: argparse.Namespace, work: Path) -> dict[str, 
         loss, t2 = trainer.train().training_loss, time.perf_counter()
     except torch.OutOfMemoryError as e:  # with --cap-gib: the answer is "does not fit"
         mem["oom"] = str(e).splitlines()[0]
-    if cuda:  # "device": what nvidia-smi would show at the peak: reserved + outside PyTorch's allocator
-        (free, mem["gpu_total"]), mem["train_peak_allocated"] = tc.mem_get_info(), tc.max_memory_allocated()
-        mem["train_peak_reserved"] = tc.max_memory_reserved()
-        mem["outside_allocator"] = outside = mem["gpu_total"] - free - tc.memory_reserved()  # context, cuBLAS, NCCL
-        mem["train_device_peak"] = mem["train_peak_reserved"] + outside
-        mem["load_device_peak"] = mem["load_peak_reserved"] + outside if "load_peak_reserved" in mem else None
-        mem["device_peak"] = max(mem["load_device_peak"] or 0, mem["train_device_peak"])
-        mem = {k: v / GIB if isinstance(v, int) else v for k, v in mem.items()}
+    if cuda:
+        mem = _device_peaks(tc, mem)
     ctx = p["memory_gb"]["cuda_context_nccl"]  # the planner's peaks include 1 GiB of CUDA context
     rows = [  # what, measured GiB, planned GiB
         ("training peak allocated", mem.get("train_peak_allocated"), p["train_peak_gb"] - ctx),
@@ -194,18 +218,15 @@ def run_recipe(recipe: Path, args: argparse.Namespace, work: Path) -> dict[str, 
     res["settings"].update(tokens_per_step=tokens, attention=attn, tiny=args.tiny, cap_gib=args.cap_gib)
     res["timing"].update(step_time_s=step_s, step_times_s=times, tokens_per_s=step_s and tokens / step_s)
     res["mfu"] = mfu(recipe, largs, res)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"{res['recipe_id']}-{''.join(c if c.isalnum() else '-' for c in device.lower())}.json"
-    path.write_text(json.dumps(res, indent=2) + "\n")
-    print(format_result(res) + f"\nwrote {path}", flush=True)
+    _write(res, device, args.out_dir)
     shutil.rmtree(model_dir, ignore_errors=True)  # 26 GB for 13B: free the disk before the next recipe
     return res
 
 
 def mfu(recipe: Path, largs: Any, res: dict[str, Any]) -> dict[str, Any]:
-    """Model FLOPs utilisation with `qrm bench`'s count (4 N_linear + 6 N_lora + 3 L d_attn s per token) at the
+    """Model FLOPs utilisation with benchmarks/trl_vs_qrm.py's count (4 N_linear + 6 N_lora + 3 L d_attn s per token) at the
     recipe's REAL shapes over the device's dense bf16 peak; None where the peak is unknown (CPU)."""
-    from qrm.bench import flops_per_token, model_flops, peak_bf16_flops
+    from benchmarks.trl_vs_qrm_trial import flops_per_token, model_flops, peak_bf16_flops
 
     shape = model_flops(str(recipe.parent), largs.lora_r, largs.lora_target_modules)
     per_token = flops_per_token(shape, res["settings"]["max_length"])

@@ -1,9 +1,10 @@
 """Plain vs ODIN (`length_debias: odin`) on the offline demo: the README's "Length bias: ODIN" table.
 
-Trains recipes/demo/minilm_hh_helpful.yaml and recipes/demo/minilm_hh_helpful_odin.yaml (identical but for the
-switch), runs `qrm eval --probes` on the held-out split for both, and prints a markdown table: held-out accuracy,
-Spearman of reward with response length, accuracy when the chosen response is the shorter / longer one, ECE and the
-three probe sets. Both runs go in parallel, one torch thread each (the demo is sized for a 2-core CPU).
+Trains recipes/demo/minilm_hh_helpful.yaml as shipped (length-grouped batches) and with random batches (the ODIN
+recipe's sampler, the same-sampler baseline), and recipes/demo/minilm_hh_helpful_odin.yaml (the plain recipe plus the
+ODIN block and random batches); runs `qrm eval --probes` on the held-out split for each, and prints a markdown table:
+held-out accuracy, Spearman of reward with response length, accuracy when the chosen response is the shorter /
+longer one, ECE and the three probe sets. Runs go in parallel, one torch thread each (sized for a 2-core CPU).
 
     python benchmarks/length_debias.py --out outputs/length-debias
 """
@@ -17,7 +18,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-RECIPES = {"plain": "recipes/demo/minilm_hh_helpful.yaml", "odin": "recipes/demo/minilm_hh_helpful_odin.yaml"}
+RECIPES = {
+    "plain": "recipes/demo/minilm_hh_helpful.yaml",
+    "plain-random": "recipes/demo/minilm_hh_helpful.yaml --train_sampling_strategy random",
+    "odin": "recipes/demo/minilm_hh_helpful_odin.yaml",
+}
 TEST = "data/hh-rlhf-helpful/helpful-base.test.jsonl"
 
 

@@ -50,7 +50,7 @@ def _reset_peak() -> None:
 
 def make_tiny_llama(path: str | Path) -> Path:
     """qrm's tiny random Llama (2 layers, hidden 64, intermediate 128) with a BPE tokenizer, saved to `path`."""
-    from qrm.tiny import build_tiny_llama
+    from benchmarks.tiny import build_tiny_llama
 
     words = "the reward model prefers helpful honest harmless answers over evasive rude wrong ones".split()
     texts = [" ".join(words[(k + j) % len(words)] for j in range(24)) for k in range(200)]

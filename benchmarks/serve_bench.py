@@ -35,7 +35,7 @@ MODES = {"dynamic": [], "one-at-a-time": ["--max-batch-size", "1", "--max-wait-m
 
 def tiny_export(work: Path, backbone: str) -> Path:
     """A random Llama saved whole as a `*ForSequenceClassification` export: `tiny` (hidden 64, 2 layers, the tests'
-    model) or `tiny-llama` (qrm bench's, hidden 256, 4 layers)."""
+    model) or `tiny-llama` (benchmarks/trl_vs_qrm.py's, hidden 256, 4 layers)."""
     out = work / f"{backbone}-export"
     if (out / "config.json").is_file():
         return out
@@ -43,8 +43,8 @@ def tiny_export(work: Path, backbone: str) -> Path:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from qrm.bench import HH_TRAIN, resolve_backbone
-    from qrm.tiny import build_tiny_llama
+    from benchmarks.tiny import build_tiny_llama
+    from benchmarks.trl_vs_qrm import HH_TRAIN, resolve_backbone
 
     if backbone == "tiny":
         with open(HH_TRAIN) as f:  # as tests/conftest.py builds it
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 def write(args: argparse.Namespace, model: Path, health: dict, rounds: list[dict], summary: dict) -> int:
     from importlib.metadata import version
 
-    from qrm.bench import device_slug, machine_info
+    from benchmarks.trl_vs_qrm_results import device_slug, machine_info
 
     device = health["device"]
     gpu = None

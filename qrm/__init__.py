@@ -14,7 +14,7 @@ def __getattr__(name: str):
 
         return RewardModel
     if name == "reward_function":
-        from .score import reward_function
+        from .trl_reward import reward_function
 
         return reward_function
     raise AttributeError(name)

@@ -25,9 +25,8 @@ COMMANDS = {
     "plan": ("qrm.plan", "estimate peak GPU memory for a recipe before launch"),
     "eval": ("qrm.evaluate", "accuracy, calibration, length bias and probes for a trained model"),
     "merge": ("qrm.export", "merge the adapter into a standalone model and verify it"),
-    "score": ("qrm.export", "score (prompt, response) rows or pairs with a model"),
+    "score": ("qrm.score", "score (prompt, response) rows or pairs with a model"),
     "push": ("qrm.hub", "push a model or adapter to the Hugging Face Hub"),
-    "bench": ("qrm.bench", "time qrm against TRL's RewardTrainer on the same model and data"),
     "serve": ("qrm.serve", "HTTP reward server: OpenRLHF /get_reward, /score, dynamic batching"),
 }
 
@@ -69,7 +68,9 @@ def check_model_dir(flag: str, path: str) -> None:
         raise FlagError(f"{flag} {path}: no such directory")
     if not os.path.isdir(p):
         raise FlagError(f"{flag} {path}: is a file; expected an adapter dir (qrm train) or an export dir (qrm merge)")
-    if not any(os.path.isfile(os.path.join(p, n)) for n in ("adapter_config.json", "config.json")):
+    from .files import dir_kind
+
+    if dir_kind(p) is None:
         raise FlagError(
             f"{flag} {path}: holds no adapter_config.json or config.json: not an adapter dir (qrm train) or an "
             "export dir (qrm merge)"
@@ -141,8 +142,7 @@ def run(cmd: str, argv: list[str]) -> int:
     prog = f"qrm {cmd}"
     try:
         module = importlib.import_module(COMMANDS[cmd][0])
-        entry = getattr(module, f"{cmd}_main", None) or module.main
-        return int(entry(argv) or 0)
+        return int(module.main(argv) or 0)
     except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, one `error:` line after the usage)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else USER_ERROR_EXIT)
     except KeyboardInterrupt:

@@ -438,7 +438,9 @@ def tokenize_pairs(pairs: list[dict], tokenizer: Any, max_length: int, report: D
     eos = tokenizer.eos_token_id
     closing = [] if (suffix or eos is None) else [eos]
     fixed = len(prefix) + len(suffix) + len(closing)
-    enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # verbose=False: the pieces are fitted to max_length below, so transformers' "Token indices sequence length is
+    # longer than the specified maximum sequence length" warning about an unfitted piece is noise.
+    enc = lambda texts: tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # noqa: E731
     prompts = enc([p["prompt"] for p in pairs])
     chosen = enc([p["chosen"] for p in pairs])
     rejected = enc([p["rejected"] for p in pairs])

@@ -1,7 +1,7 @@
-"""Numeric core of `qrm eval`: pairwise accuracy, calibration, length bias, probes, and a written report.
+"""Numeric core of `qrm eval`: pairwise accuracy, calibration, length bias and probes, and the `qrm eval` command.
 
-Everything here works on plain reward lists (numpy only; matplotlib only for the PNGs), so it is testable without
-a model. The caller scores each pair's chosen and rejected response and passes the rewards and response lengths.
+The metrics work on plain reward lists (numpy and scipy), so they are testable without a model. The caller scores
+each pair's chosen and rejected response and passes the rewards and response lengths; `qrm.report` writes them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .files import LENGTH_HEAD_FILE, METRICS_FILE
 
 # Two-sided 95% normal quantile, Φ⁻¹(0.975).
 Z95 = 1.959963984540054
@@ -60,32 +62,23 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def _rankdata(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank (as scipy.stats.rankdata(method='average'))."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    # Boundaries of runs of equal values in sorted order.
-    starts = np.r_[0, np.flatnonzero(xs[1:] != xs[:-1]) + 1]
-    ends = np.r_[starts[1:], len(xs)]
-    avg = (starts + ends + 1) / 2.0  # mean of the 1-based positions starts+1 .. ends
-    ranks = np.empty(len(x), dtype=float)
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
-
-
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Spearman rank correlation (Pearson correlation of average ranks); None when either side is constant."""
+    """Spearman rank correlation (`scipy.stats.spearmanr`: Pearson correlation of average ranks).
+
+    Args:
+        x (`Sequence[float]`): first variable.
+        y (`Sequence[float]`): second variable, as long as `x`.
+
+    Returns the correlation, or None when either side is constant or has fewer than 2 values (scipy would return
+    NaN with a warning)."""
+    from scipy.stats import spearmanr
+
     xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(xa) != len(ya):
         raise ValueError("x and y must have the same length")
-    if len(xa) < 2:
+    if len(xa) < 2 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
         return None
-    rx, ry = _rankdata(xa), _rankdata(ya)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = math.sqrt(float(rx @ rx) * float(ry @ ry))
-    if denom == 0.0:
-        return None
-    return float(rx @ ry) / denom
+    return float(spearmanr(xa, ya).statistic)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -130,24 +123,6 @@ def calibration(margins: Sequence[float], n_bins: int = 10) -> tuple[float, list
     return float(ece), bins
 
 
-def _golden_section(f: Any, lo: float, hi: float, tol: float = 1e-7) -> float:
-    # Fallback for when scipy is absent: the BT loss is convex in 1/T, hence unimodal in log T.
-    inv_phi = (math.sqrt(5) - 1) / 2
-    a, b = lo, hi
-    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
-    fc, fd = f(c), f(d)
-    while b - a > tol:
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - inv_phi * (b - a)
-            fc = f(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + inv_phi * (b - a)
-            fd = f(d)
-    return (a + b) / 2
-
-
 def fit_temperature(margins: Sequence[float], max_ratio: float = 1e4) -> tuple[float, str | None]:
     """Temperature T > 0 minimising the mean BT loss of margin / T; returns (T, bound) with bound in
     {None, "lower", "upper"} when the optimum sits on the search bracket.
@@ -157,6 +132,8 @@ def fit_temperature(margins: Sequence[float], max_ratio: float = 1e4) -> tuple[f
     is ranked wrongly (min margin ≥ 0, so the loss keeps falling as T → 0) and "upper" when the mean margin is ≤ 0
     (the loss is convex in 1/T with slope −mean(margin)/2 at 1/T = 0, so the best fit is a coin flip, T → ∞).
     """
+    from scipy.optimize import minimize_scalar
+
     m = np.asarray(margins, dtype=float)
     scale = float(np.mean(np.abs(m)))
     if scale == 0.0:
@@ -171,12 +148,8 @@ def fit_temperature(margins: Sequence[float], max_ratio: float = 1e4) -> tuple[f
     def loss(log_t: float) -> float:
         return float(np.mean(np.logaddexp(0.0, -m * math.exp(-log_t))))
 
-    try:
-        from scipy.optimize import minimize_scalar
-    except ImportError:  # scipy is a dev extra, not a runtime dependency
-        log_t = _golden_section(loss, lo, hi)
-    else:
-        log_t = float(minimize_scalar(loss, bounds=(lo, hi), method="bounded", options={"xatol": 1e-7}).x)
+    # The BT loss is convex in 1/T, hence unimodal in log T: Brent's bounded search finds the one minimum.
+    log_t = float(minimize_scalar(loss, bounds=(lo, hi), method="bounded", options={"xatol": 1e-7}).x)
     return math.exp(log_t), None
 
 
@@ -213,6 +186,44 @@ def length_buckets(length_diff: Sequence[float], n_buckets: int = 5) -> np.ndarr
     return np.unique(np.asarray(edges, dtype=float))
 
 
+def _check_pairs(
+    chosen: Sequence[float],
+    rejected: Sequence[float],
+    chosen_len: Sequence[int],
+    rejected_len: Sequence[int],
+    subsets: Sequence[str] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The four inputs of `pair_metrics` as finite 1-d arrays of one length (ValueError naming what is wrong)."""
+    rc, rr = _as_1d("chosen", chosen), _as_1d("rejected", rejected)
+    lc, lr = _as_1d("chosen_len", chosen_len), _as_1d("rejected_len", rejected_len)
+    n = len(rc)
+    if n == 0:
+        raise ValueError("no pairs to evaluate")
+    if not (len(rr) == len(lc) == len(lr) == n):
+        raise ValueError(
+            f"length mismatch: {n} chosen, {len(rr)} rejected, {len(lc)} chosen_len, {len(lr)} rejected_len"
+        )
+    if subsets is not None and len(subsets) != n:
+        raise ValueError(f"subsets has {len(subsets)} entries for {n} pairs")
+    return rc, rr, lc, lr
+
+
+def _accuracy_by_length_bucket(
+    scores: np.ndarray, margins: np.ndarray, diff: np.ndarray, n_length_buckets: int
+) -> list[dict[str, Any]]:
+    """Accuracy per quantile bucket of the length difference (see `length_buckets`)."""
+    edges = length_buckets(diff, n_length_buckets)
+    n_buckets = max(len(edges) - 1, 1)
+    bucket_idx = np.clip(np.searchsorted(edges, diff, side="right") - 1, 0, n_buckets - 1)
+    by_bucket = []
+    for b in range(n_buckets):
+        g = _group(scores, margins, bucket_idx == b)
+        lo = float(edges[b])
+        hi = float(edges[b + 1]) if len(edges) > 1 else lo
+        by_bucket.append({"lo": lo, "hi": hi, "n": g["n"], "accuracy": g["accuracy"]})
+    return by_bucket
+
+
 def pair_metrics(
     chosen: Sequence[float],
     rejected: Sequence[float],
@@ -226,11 +237,15 @@ def pair_metrics(
     """All pairwise metrics of a reward model on preference pairs, as a JSON-able dict.
 
     Args:
-        chosen, rejected: reward of the preferred and of the dispreferred response of each pair.
-        chosen_len, rejected_len: response lengths (any unit, e.g. tokens, but the same for both).
-        subsets: optional label per pair (e.g. source dataset); adds `by_subset`.
-        n_bins: confidence bins for ECE (see `calibration`).
-        n_length_buckets: quantile buckets of the length difference (see `length_buckets`).
+        chosen (`Sequence[float]`): reward of the preferred response of each pair.
+        rejected (`Sequence[float]`): reward of the dispreferred response of each pair.
+        chosen_len (`Sequence[int]`): length of each chosen response (any unit, e.g. tokens, the same for both).
+        rejected_len (`Sequence[int]`): length of each rejected response.
+        subsets (`Sequence[str]`, *optional*, defaults to `None`): a label per pair (e.g. source dataset); adds
+            `by_subset`.
+        n_bins (`int`, *optional*, defaults to `10`): confidence bins for ECE (see `calibration`).
+        n_length_buckets (`int`, *optional*, defaults to `5`): quantile buckets of the length difference (see
+            `length_buckets`).
 
     Accuracy is the fraction of pairs with r_chosen > r_rejected, where an exact tie counts as 0.5 (a tie is a coin
     flip). `accuracy_ci95` is the Wilson score interval. `bt_loss` is mean −log σ(r_chosen − r_rejected).
@@ -240,17 +255,8 @@ def pair_metrics(
     `accuracy_when_chosen_shorter/longer` split pairs by the sign of that difference; equal lengths are excluded
     from both and counted in `n_equal_length`.
     """
-    rc, rr = _as_1d("chosen", chosen), _as_1d("rejected", rejected)
-    lc, lr = _as_1d("chosen_len", chosen_len), _as_1d("rejected_len", rejected_len)
+    rc, rr, lc, lr = _check_pairs(chosen, rejected, chosen_len, rejected_len, subsets)
     n = len(rc)
-    if n == 0:
-        raise ValueError("no pairs to evaluate")
-    if not (len(rr) == len(lc) == len(lr) == n):
-        raise ValueError(
-            f"length mismatch: {n} chosen, {len(rr)} rejected, {len(lc)} chosen_len, {len(lr)} rejected_len"
-        )
-    if subsets is not None and len(subsets) != n:
-        raise ValueError(f"subsets has {len(subsets)} entries for {n} pairs")
 
     margins = rc - rr
     scores = _pair_scores(margins)
@@ -260,15 +266,7 @@ def pair_metrics(
     ece_t, reliability_t = calibration(margins / temperature, n_bins)
 
     diff = lc - lr
-    edges = length_buckets(diff, n_length_buckets)
-    n_buckets = max(len(edges) - 1, 1)
-    bucket_idx = np.clip(np.searchsorted(edges, diff, side="right") - 1, 0, n_buckets - 1)
-    by_bucket = []
-    for b in range(n_buckets):
-        g = _group(scores, margins, bucket_idx == b)
-        lo = float(edges[b])
-        hi = float(edges[b + 1]) if len(edges) > 1 else lo
-        by_bucket.append({"lo": lo, "hi": hi, "n": g["n"], "accuracy": g["accuracy"]})
+    by_bucket = _accuracy_by_length_bucket(scores, margins, diff, n_length_buckets)
 
     shorter, longer = _group(scores, margins, diff < 0), _group(scores, margins, diff > 0)
     rho = spearman(np.r_[rc, rr], np.r_[lc, lr])
@@ -420,266 +418,6 @@ def probe_metrics(results: dict[str, tuple[Sequence[float], Sequence[float]]]) -
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Report
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
-
-
-def _fmt_group(g: dict[str, Any]) -> str:
-    return f"{_fmt(g['accuracy'])} (n={g['n']})"
-
-
-def write_report(
-    out_dir: str | Path,
-    chosen: Sequence[float],
-    rejected: Sequence[float],
-    chosen_len: Sequence[int],
-    rejected_len: Sequence[int],
-    subsets: Sequence[str] | None = None,
-    title: str = "qrm eval",
-    extra: dict[str, Any] | None = None,
-    *,
-    heads: dict[str, Any] | None = None,
-    rewardbench: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Compute `pair_metrics` and write metrics.json, report.md and (with matplotlib) reliability.png,
-    length_bias.png and reward_hist.png into `out_dir`. Returns the metrics as written to metrics.json
-    (with `extra` under "extra", the written plot file names under "plots", and `heads` (ODIN, see
-    `qrm.odin.eval_heads`) and `rewardbench` (see `qrm.rewardbench.rewardbench_scores`) under their names)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = pair_metrics(chosen, rejected, chosen_len, rejected_len, subsets)
-    rc, rr = np.asarray(chosen, dtype=float), np.asarray(rejected, dtype=float)
-    lc, lr = np.asarray(chosen_len, dtype=float), np.asarray(rejected_len, dtype=float)
-
-    plots: list[str] = []
-    plot_note = None
-    try:
-        import matplotlib  # noqa: F401  (imported first so a blocked/missing matplotlib fails here)
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        plot_note = "matplotlib is not installed, so no plots were drawn (`pip install qrm[plots]`)."
-    else:
-        # Figure + FigureCanvasAgg directly: the Agg backend without touching pyplot's global state.
-        def new_fig(w: float, h: float) -> Any:
-            fig = Figure(figsize=(w, h), dpi=100)
-            FigureCanvasAgg(fig)
-            return fig
-
-        _plot_reliability(new_fig(6.5, 5.5), out / "reliability.png", metrics, title)
-        _plot_length_bias(new_fig(13, 5), out / "length_bias.png", metrics, rc, rr, lc, lr, title)
-        _plot_reward_hist(new_fig(7, 5), out / "reward_hist.png", rc, rr, title)
-        plots = ["reliability.png", "length_bias.png", "reward_hist.png"]
-
-    if extra is not None:
-        metrics["extra"] = extra
-    metrics["plots"] = plots
-    for key, value in (("heads", heads), ("rewardbench", rewardbench)):
-        if value is not None:
-            metrics[key] = value
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(_report_md(metrics, title, plot_note), encoding="utf-8")
-    return metrics
-
-
-def _report_md(m: dict[str, Any], title: str, plot_note: str | None) -> str:
-    lo, hi = m["accuracy_ci95"]
-    rows = [
-        ("pairs", str(m["n_pairs"])),
-        ("accuracy (ties count 0.5)", f"{_fmt(m['accuracy'])} (95% CI {_fmt(lo)}-{_fmt(hi)})"),
-        ("mean margin (chosen - rejected)", _fmt(m["mean_margin"])),
-        ("Bradley-Terry loss", _fmt(m["bt_loss"])),
-        (f"ECE ({m['n_bins']} bins)", _fmt(m["ece"])),
-        ("temperature", f"{m['temperature']:.4g}"),
-        ("ECE after temperature", _fmt(m["ece_after_temperature"])),
-        ("reward-length Spearman", _fmt(m["length_reward_spearman"])),
-        ("accuracy when chosen is shorter", _fmt_group(m["accuracy_when_chosen_shorter"])),
-        ("accuracy when chosen is longer", _fmt_group(m["accuracy_when_chosen_longer"])),
-        ("pairs of equal length", str(m["n_equal_length"])),
-    ]
-    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
-    lines += ["", "## Warnings", ""]
-    lines += [f"- {w}" for w in m["warnings"]] or ["None."]
-
-    if m["by_subset"]:
-        lines += ["", "## By subset", "", "| subset | n | accuracy | mean margin |", "|---|---|---|---|"]
-        for name, g in m["by_subset"].items():
-            lines.append(f"| {name} | {g['n']} | {_fmt(g['accuracy'])} | {_fmt(g['mean_margin'])} |")
-
-    lines += [
-        "",
-        "## Accuracy by length difference",
-        "",
-        "Buckets of chosen length minus rejected length (quantile edges; positive: chosen is longer).",
-        "",
-        "| bucket | n | accuracy |",
-        "|---|---|---|",
-    ]
-    for i, b in enumerate(m["accuracy_by_length_bucket"]):
-        closing = "]" if i == len(m["accuracy_by_length_bucket"]) - 1 else ")"
-        lines.append(f"| [{b['lo']:g}, {b['hi']:g}{closing} | {b['n']} | {_fmt(b['accuracy'])} |")
-
-    lines += ["", "## Plots", ""]
-    if plot_note:
-        lines.append(plot_note)
-    else:
-        lines += [
-            "- [reliability diagram](reliability.png)",
-            "- [length bias](length_bias.png)",
-            "- [reward histograms](reward_hist.png)",
-            "",
-            "![reliability](reliability.png)",
-            "",
-            "![length bias](length_bias.png)",
-            "",
-            "![reward histograms](reward_hist.png)",
-        ]
-
-    if m.get("heads"):
-        from .odin import heads_report_lines
-
-        lines += heads_report_lines(m["heads"])
-    if m.get("rewardbench"):
-        from .rewardbench import report_lines
-
-        lines += report_lines(m["rewardbench"])
-    extra = dict(m.get("extra") or {})
-    probes = extra.get("probes")
-    # probe_metrics output gets a table of its own; anything else in `extra` is listed as is.
-    if isinstance(probes, dict) and probes and all(isinstance(g, dict) and "accuracy" in g for g in probes.values()):
-        lines += ["", "## Probes", "", "| probe | n | accuracy | 95% CI |", "|---|---|---|---|"]
-        for name, g in probes.items():
-            ci = g.get("accuracy_ci95")
-            ci_s = f"{_fmt(ci[0])}-{_fmt(ci[1])}" if ci else "n/a"
-            lines.append(f"| {name} | {g.get('n', 'n/a')} | {_fmt(g['accuracy'])} | {ci_s} |")
-        del extra["probes"]
-    if extra:
-        lines += ["", "## Details", ""]
-        nested = {k: v for k, v in extra.items() if isinstance(v, (dict, list))}
-        lines += [f"- {k}: {_fmt(v, 4)}" for k, v in extra.items() if k not in nested]
-        if nested:
-            lines += ["", "```json", json.dumps(nested, indent=2, default=str), "```"]
-    return "\n".join(lines) + "\n"
-
-
-def _plot_reliability(fig: Any, path: Path, m: dict[str, Any], title: str) -> None:
-    ax = fig.add_subplot()
-    bins = [b for b in m["reliability"] if b["n"]]
-    width = (m["reliability"][0]["hi"] - m["reliability"][0]["lo"]) if m["reliability"] else 0.05
-    centers = [(b["lo"] + b["hi"]) / 2 for b in bins]
-    ax.bar(
-        centers,
-        [b["accuracy"] for b in bins],
-        width=width * 0.9,
-        color="tab:blue",
-        alpha=0.7,
-        edgecolor="black",
-        label=f"fraction correct per bin (ECE {m['ece']:.3f})",
-    )
-    ax.plot(
-        [b["confidence"] for b in bins],
-        [b["accuracy"] for b in bins],
-        "o",
-        color="tab:blue",
-        markeredgecolor="black",
-        label="model: bin (mean confidence, accuracy)",
-    )
-    after = [b for b in m["reliability_after_temperature"] if b["n"]]
-    ax.plot(
-        [b["confidence"] for b in after],
-        [b["accuracy"] for b in after],
-        "s-",
-        color="tab:orange",
-        label=f"after temperature T={m['temperature']:.3g} (ECE {m['ece_after_temperature']:.3f})",
-    )
-    ax.plot([0.5, 1.0], [0.5, 1.0], "k--", label="perfect calibration")
-    for c, b in zip(centers, bins, strict=True):
-        ax.annotate(
-            f"n={b['n']}", (c, b["accuracy"]), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7
-        )
-    ax.set_xlim(0.5, 1.0)
-    ax.set_ylim(0.0, 1.08)
-    ax.set_xlabel("confidence max(p, 1-p), p = sigmoid(r_chosen - r_rejected)")
-    ax.set_ylabel("fraction of pairs ranked correctly")
-    ax.set_title(f"{title}: reliability ({m['n_pairs']} pairs)")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def _plot_length_bias(
-    fig: Any,
-    path: Path,
-    m: dict[str, Any],
-    rc: np.ndarray,
-    rr: np.ndarray,
-    lc: np.ndarray,
-    lr: np.ndarray,
-    title: str,
-) -> None:
-    ax1, ax2 = fig.subplots(1, 2)
-    buckets = m["accuracy_by_length_bucket"]
-    x = np.arange(len(buckets))
-    ax1.bar(x, [b["accuracy"] or 0.0 for b in buckets], color="tab:green", alpha=0.8, label="accuracy in bucket")
-    ax1.axhline(0.5, color="gray", linestyle=":", label="chance")
-    ax1.axhline(m["accuracy"], color="black", linestyle="--", label=f"overall ({m['accuracy']:.3f})")
-    labels = []
-    for i, b in enumerate(buckets):
-        closing = "]" if i == len(buckets) - 1 else ")"
-        labels.append(f"[{b['lo']:g}, {b['hi']:g}{closing}\nn={b['n']}")
-    ax1.set_xticks(x)
-    ax1.set_xticklabels(labels, fontsize=8)
-    ax1.set_ylim(0.0, 1.05)
-    ax1.set_xlabel("chosen length - rejected length (bucket)")
-    ax1.set_ylabel("accuracy")
-    ax1.set_title("accuracy by length difference")
-    ax1.legend(loc="lower right", fontsize=8)
-
-    # Subsample big sets so the scatter stays readable and the PNG small; fixed seed keeps reports reproducible.
-    n = len(rc)
-    keep = np.arange(n)
-    if n > 2500:
-        keep = np.sort(np.random.default_rng(0).choice(n, 2500, replace=False))
-    ax2.scatter(lr[keep], rr[keep], s=8, alpha=0.5, color="tab:red", label="rejected")
-    ax2.scatter(lc[keep], rc[keep], s=8, alpha=0.5, color="tab:blue", label="chosen")
-    rho = m["length_reward_spearman"]
-    shown = f", {len(keep)} of {n} pairs shown" if len(keep) < n else ""
-    ax2.set_title(f"reward vs length (Spearman {_fmt(rho)}{shown})")
-    ax2.set_xlabel("response length")
-    ax2.set_ylabel("reward")
-    ax2.legend(loc="best", fontsize=8)
-    fig.suptitle(f"{title}: length bias")
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def _plot_reward_hist(fig: Any, path: Path, rc: np.ndarray, rr: np.ndarray, title: str) -> None:
-    ax = fig.add_subplot()
-    # √(responses) bins, clamped: enough shape for big sets without a comb of empty bins for small ones.
-    edges = np.histogram_bin_edges(np.r_[rc, rr], bins=int(min(50, max(10, math.sqrt(2 * len(rc))))))
-    ax.hist(rc, bins=edges, alpha=0.55, color="tab:blue", label=f"chosen (mean {rc.mean():.3f})")
-    ax.hist(rr, bins=edges, alpha=0.55, color="tab:red", label=f"rejected (mean {rr.mean():.3f})")
-    ax.axvline(float(rc.mean()), color="tab:blue", linestyle="--")
-    ax.axvline(float(rr.mean()), color="tab:red", linestyle="--")
-    ax.yaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlabel("reward")
-    ax.set_ylabel("number of responses")
-    ax.set_title(f"{title}: reward distributions")
-    ax.legend(loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-
-
 # ----------------------------------------------------------------------------------------------- qrm eval
 
 
@@ -698,6 +436,7 @@ def evaluate_model(
     `length_debias: odin` also gets its two heads reported (`heads`)."""
     from .config import DataArguments
     from .data import build_pairs, load_rows, tokenize_pairs
+    from .report import write_report, write_rewardbench_report
     from .score import RewardModel, score_pair_rows
 
     rm = RewardModel.from_pretrained(model_dir)
@@ -725,11 +464,7 @@ def evaluate_model(
         if probes:
             (out / "probes.json").write_text(json.dumps(extra["probes"], indent=2) + "\n")
         if rb is not None:
-            from .rewardbench import report_lines
-
-            (out / "metrics.json").write_text(json.dumps({"rewardbench": rb, "extra": extra}, indent=2) + "\n")
-            (out / "report.md").write_text("\n".join([f"# qrm eval: {rewardbench}", *report_lines(rb)]) + "\n")
-            return {"rewardbench": rb, "extra": extra}
+            return write_rewardbench_report(out, rb, extra, rewardbench)
         return extra
     dargs = data_args or DataArguments(dataset=data)
     rows, where = load_rows(data, dargs.dataset_split)
@@ -745,7 +480,7 @@ def evaluate_model(
         subsets = [str(rows[r["row"] - 1][subset_column]) for r in tok]
     extra["data"] = report.as_dict()
     heads = None
-    if (Path(model_dir) / "length_head.safetensors").is_file():  # qrm.odin.LENGTH_HEAD_FILE
+    if (Path(model_dir) / LENGTH_HEAD_FILE).is_file():
         from .odin import eval_heads
 
         heads = eval_heads(rm, model_dir, tok, (chosen, rejected), batch_size)
@@ -756,6 +491,32 @@ def evaluate_model(
         for r, c, j in zip(tok, chosen, rejected, strict=True):
             f.write(json.dumps({"row": r["row"], "chosen_reward": c, "rejected_reward": j}) + "\n")
     return metrics
+
+
+def _check_eval_flags(a: Any, out: Path) -> None:
+    """Every `qrm eval` flag and input file, before the model loads; raises `FlagError` or `DataError`."""
+    from .cli import FlagError, check_flags, check_model_dir, check_out_path
+    from .config import DATASET_FORMATS
+
+    check_flags("qrm eval", batch_size=a.batch_size)
+    if a.dataset_format not in DATASET_FORMATS:
+        raise FlagError(f"--dataset-format {a.dataset_format}: expected one of {', '.join(DATASET_FORMATS)}")
+    check_model_dir("--model", a.model)
+    check_out_path("--out", str(out), {"--data": a.data})
+    if Path(a.model).resolve() == out.resolve():
+        raise FlagError(f"--out {out} is the --model dir; reports go in a directory of their own")
+    if out.exists() and not out.is_dir():
+        raise FlagError(f"--out {out}: is a file; give a directory for the report")
+    if (out / METRICS_FILE).exists() and not a.force:
+        raise FlagError(f"--out {out} already holds a report; pass --force to overwrite it")
+    if a.data:
+        from .data import load_rows
+
+        load_rows(a.data)  # a missing, empty or unreadable file fails here, before the model loads
+    if a.rewardbench:
+        from .rewardbench import load_rewardbench
+
+        load_rewardbench(a.rewardbench)  # a bad row fails here, naming it, before the model loads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -785,31 +546,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not a.data and not a.probes and not a.rewardbench:
         p.error("give --data, --probes, --rewardbench, or several")
-    from .cli import FlagError, check_flags, check_model_dir, check_out_path, user_error
-    from .config import DATASET_FORMATS, DataArguments
+    from .cli import FlagError, user_error
+    from .config import DataArguments
 
     name = Path(a.data or a.rewardbench or "probes").name.split(".")[0]
     out = Path(a.out) if a.out else Path(a.model) / f"eval-{name}"
     try:
-        check_flags("qrm eval", batch_size=a.batch_size)
-        if a.dataset_format not in DATASET_FORMATS:
-            raise FlagError(f"--dataset-format {a.dataset_format}: expected one of {', '.join(DATASET_FORMATS)}")
-        check_model_dir("--model", a.model)
-        check_out_path("--out", str(out), {"--data": a.data})
-        if Path(a.model).resolve() == out.resolve():
-            raise FlagError(f"--out {out} is the --model dir; reports go in a directory of their own")
-        if out.exists() and not out.is_dir():
-            raise FlagError(f"--out {out}: is a file; give a directory for the report")
-        if (out / "metrics.json").exists() and not a.force:
-            raise FlagError(f"--out {out} already holds a report; pass --force to overwrite it")
-        if a.data:
-            from .data import load_rows
-
-            load_rows(a.data)  # a missing, empty or unreadable file fails here, before the model loads
-        if a.rewardbench:
-            from .rewardbench import load_rewardbench
-
-            load_rewardbench(a.rewardbench)  # a bad row fails here, naming it, before the model loads
+        _check_eval_flags(a, out)
     except (FlagError, DataError) as e:
         return user_error("qrm eval", e)
     dargs = None

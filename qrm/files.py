@@ -17,6 +17,10 @@ LENGTH_HEAD_FILE = "length_head.safetensors"  # ODIN's length head, beside the a
 REPORT_FILE = "report.md"  # qrm eval's human-readable report
 CARD_FILE = "README.md"  # model card (export and Hub)
 
+# Written by `qrm merge` into an export.
+EXPORT_INFO_FILE = "qrm_export.json"  # what `qrm merge` did (kind, method, dtype, tokenizer change, load recipe)
+VERIFICATION_FILE = "verification.json"  # the fresh-process verification figures of an export
+
 # PEFT's adapter files, transformers' model files.
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

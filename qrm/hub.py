@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -11,11 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .files import ADAPTER_FILES, ADAPTER_WEIGHTS, CARD_FILE, dir_kind
 
 # qrm writes only safetensors; anything pickled is unsafe to load and not ours, so it never leaves the machine.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TOKENIZER_FILES = frozenset(
     {
         "tokenizer.json",
@@ -32,15 +30,9 @@ TOKENIZER_FILES = frozenset(
         "chat_template.json",
     }
 )
-CARD_JSON_FILES = (
-    ("Versions", "qrm_versions.json"),
-    ("Metrics", "metrics.json"),
-    ("Verification", "verification.json"),
-)
 # Hub user-access tokens are `hf_` + 30-odd alphanumerics; matched so a stray token in a recipe never gets published.
 _TOKEN_RE = r"hf_[A-Za-z0-9]{30,}"
 _TOKEN_PATTERN = re.compile(_TOKEN_RE.encode())
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
 _SECRET_SCAN_MAX_BYTES = 64 * 2**20
 
 
@@ -62,98 +54,14 @@ class _Plan:
         return len(src) if isinstance(src, bytes) else src.stat().st_size
 
 
-def dir_kind(path: str | os.PathLike) -> str:
-    """Return "adapter" (adapter_config.json) or "export" (config.json) for a qrm output dir."""
-    p = Path(path)
-    if not p.is_dir():
-        raise PushError(f"no such directory: {p}")
-    if (p / "adapter_config.json").is_file():
-        return "adapter"
-    if (p / "config.json").is_file():
-        return "export"
-    raise PushError(f"{p} is neither an adapter dir (adapter_config.json) nor an export dir (config.json)")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _base_model(p: Path) -> str | None:
-    cfg = _read_json(p / "adapter_config.json") if (p / "adapter_config.json").is_file() else None
-    if isinstance(cfg, dict) and cfg.get("base_model_name_or_path"):
-        return str(cfg["base_model_name_or_path"])
-    cfg = _read_json(p / "config.json") if (p / "config.json").is_file() else None
-    if isinstance(cfg, dict) and cfg.get("_name_or_path"):
-        return str(cfg["_name_or_path"])
-    return None
-
-
-def _usage(kind: str, repo: str) -> str:
-    if kind == "adapter":
-        load = (
-            "from peft import AutoPeftModelForSequenceClassification\n"
-            "from transformers import AutoTokenizer\n\n"
-            f'repo = "{repo}"\n'
-            "tokenizer = AutoTokenizer.from_pretrained(repo)\n"
-            "# Loads the base model named in adapter_config.json, then the LoRA weights and the score head.\n"
-            "model = AutoPeftModelForSequenceClassification.from_pretrained(repo, num_labels=1).eval()\n"
-        )
-    else:
-        load = (
-            "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
-            f'repo = "{repo}"\n'
-            "tokenizer = AutoTokenizer.from_pretrained(repo)\n"
-            "model = AutoModelForSequenceClassification.from_pretrained(repo).eval()\n"
-        )
-    return (
-        "```python\nimport torch\n"
-        + load
-        + "\n# Format the text the way training did (apply the chat template for conversational data).\n"
-        'text = "Question: What is 2 + 2?\\nAnswer: 4"\n'
-        "with torch.no_grad():\n"
-        '    reward = model(**tokenizer(text, return_tensors="pt")).logits[0, 0].item()\n'
-        "print(reward)  # higher means preferred\n```\n"
-    )
-
-
-def model_card(path: str | os.PathLike, *, repo_id: str | None = None) -> str:
-    """Minimal README.md model card for an export or adapter dir (base model, usage, qrm provenance files)."""
-    p = Path(path)
-    kind = dir_kind(p)
-    base = _base_model(p)
-    meta: dict[str, Any] = {}
-    # Only a Hub id is valid `base_model` metadata; a local or pkg: path would fail the Hub's YAML check.
-    if base and _HUB_ID.match(base) and not Path(base).exists():
-        meta["base_model"] = base
-    meta["library_name"] = "peft" if kind == "adapter" else "transformers"
-    meta["pipeline_tag"] = "text-classification"
-    meta["tags"] = ["reward-model", "qrm", "trl"] + (["lora", "qlora"] if kind == "adapter" else [])
-    what = (
-        "the LoRA adapter and score head, to load on top of the base model"
-        if kind == "adapter"
-        else "a standalone `AutoModelForSequenceClassification` (adapter merged into the base model)"
-    )
-    parts = [
-        "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n",
-        f"# {repo_id or p.resolve().name}\n",
-        "A reward model trained with qrm (QLoRA on a 4-bit backbone + TRL `RewardTrainer`): it maps a prompt and"
-        " response to one scalar score.\n",
-        f"This repo holds {what}.\n",
-        f"Base model: `{base or 'unknown'}`\n",
-        "## Usage\n",
-        _usage(kind, repo_id or "<repo-id>"),
-    ]
-    for title, name in CARD_JSON_FILES:
-        f = p / name
-        if not f.is_file():
-            continue
-        data = _read_json(f)
-        body = json.dumps(data, indent=2, sort_keys=True) if data is not None else f.read_text(errors="replace")
-        parts.append(f"## {title}\n\nFrom `{name}`:\n\n```json\n{body.strip()}\n```\n")
-    return "\n".join(parts)
+def _dir_kind(path: Path) -> str:
+    """The kind of qrm output dir (`qrm.files.dir_kind`: "adapter" or "export"); a `PushError` otherwise."""
+    if not path.is_dir():
+        raise PushError(f"no such directory: {path}")
+    kind = dir_kind(path)
+    if kind is None:
+        raise PushError(f"{path} is neither an adapter dir (adapter_config.json) nor an export dir (config.json)")
+    return kind
 
 
 def _skip_reason(rel: Path, is_dir: bool) -> str | None:
@@ -177,16 +85,13 @@ def _skip_reason(rel: Path, is_dir: bool) -> str | None:
 
 def _in_adapter(name: str) -> bool:
     """Whether a top-level file belongs in an --adapter-only push."""
-    return (
-        name in ("adapter_config.json", ADAPTER_WEIGHTS, "README.md")
-        or name in TOKENIZER_FILES
-        or name.startswith("qrm_")
-    )
+    # qrm_* are the provenance files (qrm_recipe.yaml, qrm_versions.json) and an adapter-only export's qrm_export.json.
+    return name in (*ADAPTER_FILES, CARD_FILE) or name in TOKENIZER_FILES or name.startswith("qrm_")
 
 
 def _plan(path: Path, *, adapter_only: bool, repo_id: str | None) -> _Plan:
     """Choose the files to upload and say why the others stay behind; no network, no token."""
-    kind = dir_kind(path)
+    kind = _dir_kind(path)
     if adapter_only and kind != "adapter":
         raise PushError(f"--adapter-only needs an adapter dir (adapter_config.json); {path} is an export")
     plan = _Plan(kind)
@@ -213,9 +118,11 @@ def _plan(path: Path, *, adapter_only: bool, repo_id: str | None) -> _Plan:
         pickles = ", ".join(s for s, r in plan.skipped if r.startswith("refused"))
         want = ADAPTER_WEIGHTS if kind == "adapter" else "*.safetensors weights"
         raise PushError(f"{path} has no {want}" + (f" (refusing pickles: {pickles})" if pickles else ""))
-    if "README.md" not in plan.files:
+    if CARD_FILE not in plan.files:
+        from .card import model_card
+
         # Never publish without a card; generated in memory because push leaves the dir untouched.
-        plan.files["README.md"] = model_card(path, repo_id=repo_id).encode("utf-8")
+        plan.files[CARD_FILE] = model_card(path, repo_id=repo_id).encode("utf-8")
     return plan
 
 
@@ -300,10 +207,23 @@ def push(
     commit_message: str | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Upload an export or adapter dir to `repo_id` in one commit; with dry_run, only report what would go.
+    """Upload an export or adapter dir to `repo_id` in one commit; with `dry_run`, only report what would go.
 
-    Returns the repo id, dir kind, uploaded files with sizes, skipped files with reasons, and the commit URL.
-    """
+    Args:
+        path (`str` or `os.PathLike`): an export (`qrm merge`) or adapter dir (`qrm train`).
+        repo_id (`str`): the target model repo, e.g. `user/my-reward-model`.
+        private (`bool`, *optional*, defaults to `False`): create the repo private (an existing repo keeps its own).
+        adapter_only (`bool`, *optional*, defaults to `False`): an adapter dir's adapter, tokenizer, card and
+            `qrm_*` files only.
+        dry_run (`bool`, *optional*, defaults to `False`): list files and sizes; contact nothing, need no token.
+        revision (`str`, *optional*, defaults to `None`): the branch to commit to (created if missing); main.
+        commit_message (`str`, *optional*, defaults to `None`): the commit summary.
+        quiet (`bool`, *optional*, defaults to `False`): print nothing.
+
+    Returns:
+        `dict`: the repo id, dir kind, uploaded files with sizes, skipped files with reasons, and the commit URL. A
+        directory without README.md gets the model card `qrm merge` writes (`qrm.card`), generated in memory.
+        Raises `PushError` (one line, never the token) on bad input or a Hub failure."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -348,20 +268,27 @@ def push(
     say(f"pushing {len(files)} files ({_human(result['total_bytes'])}) from {src} to {api.endpoint}/{repo_id}")
     message = commit_message or f"qrm push: reward-model {plan.kind}"
     ops = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=s) for n, s in plan.files.items()]
+    info = _commit(api, token, repo_id, ops, message, private, revision)
+    result["commit_url"] = str(info.commit_url)
+    result["commit_oid"] = info.oid
+    say(f"pushed: {info.commit_url}")
+    return result
+
+
+def _commit(
+    api: Any, token: str, repo_id: str, ops: list[Any], message: str, private: bool, revision: str | None
+) -> Any:
+    """Create the repo (and branch) if needed and make the one commit; a Hub failure becomes one `PushError` line."""
     try:
         # private=None leaves the namespace default in place instead of forcing a new repo public.
         api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        info = api.create_commit(repo_id, operations=ops, commit_message=message, revision=revision, repo_type="model")
+        return api.create_commit(repo_id, operations=ops, commit_message=message, revision=revision, repo_type="model")
     except Exception as exc:
         if (msg := _hub_error_message(exc, token, api.endpoint)) is None:
             raise
         raise PushError(msg) from None
-    result["commit_url"] = str(info.commit_url)
-    result["commit_oid"] = info.oid
-    say(f"pushed: {info.commit_url}")
-    return result
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -206,7 +206,9 @@ def score_head(model: Any) -> torch.nn.Module:
     ]
     if len(found) != 1:
         names = [n for n, _ in found]
-        raise ValueError(f"{type(unwrap(model)).__name__}: expected one score head (Linear with one output), found {names}")
+        raise ValueError(
+            f"{type(unwrap(model)).__name__}: expected one score head (Linear with one output), found {names}"
+        )
     return found[0][1]
 
 
@@ -225,6 +227,8 @@ def load_model(
         margs, tokenizer, gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, trust_remote_code=trust_remote_code
     )
     targets = largs.lora_target_modules
+    # PEFT's LoraConfig directly: trl's get_peft_config builds the same object from a trl.ModelConfig, which would
+    # be a second copy of qrm's ModelArguments/LoraArguments.
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=largs.lora_r,
@@ -234,7 +238,8 @@ def load_model(
         modules_to_save=[h for h in heads if "." not in h],
         use_rslora=largs.use_rslora,
     )
-    model = get_peft_model(model, lora)
+    with quiet_load_report():
+        model = get_peft_model(model, lora)
     _check_trainable(model, heads)
     return model
 
@@ -258,6 +263,8 @@ def load_base(
     attn = choose_attention(margs.attn_implementation, config)
     logger.info("attention implementation: %s; score head modules: %s", attn, heads)
     kwargs: dict[str, Any] = {}
+    # Not trl's get_quantization_config: it ties the compute dtype to the weights' dtype and has no skip list, so
+    # the new head would be quantized (and nothing would train it in full precision).
     if margs.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -301,18 +308,33 @@ def load_base(
 
 @contextlib.contextmanager
 def quiet_load_report() -> Any:
-    """Silence transformers' load report (missing/unexpected keys) while loading a base whose score head is
-    expected to be missing: a `*ForCausalLM` or `BertModel` checkpoint has none, and qrm trains or loads it.
-    Errors (size mismatches, conversion errors) still raise."""
+    """Silence what loading a base and wrapping it with PEFT prints that says nothing to a qrm user:
+
+    - transformers' load report (missing/unexpected keys): a `*ForCausalLM` or `BertModel` checkpoint has no score
+      head, and qrm trains or loads it (`_report_missing` says so in one line); errors (size mismatches, conversion
+      errors) still raise;
+    - "The following layers were not sharded: ...": transformers 5.23 runs `verify_tp_plan` on every
+      `from_pretrained` (modeling_utils.py) and lists every layer of a model whose `_tp_plan` is empty, with no
+      tensor parallelism in use;
+    - PEFT 0.21's `FutureWarning: is_gradient_checkpointing is deprecated` (peft_model.py reads transformers'
+      deprecated property inside `get_peft_model` / `PeftModel.from_pretrained`)."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
-    log = hf_logging.get_logger("transformers.modeling_utils")
-    level = log.level
-    log.setLevel(hf_logging.ERROR)
+    logs = [
+        hf_logging.get_logger(n) for n in ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+    ]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(hf_logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
 
 
 def _report_missing(missing: list[str], heads: list[str]) -> None:
@@ -320,7 +342,9 @@ def _report_missing(missing: list[str], heads: list[str]) -> None:
     naming the weights for anything else the checkpoint lacks."""
     is_head = [any(k == h or k.startswith(f"{h}.") or f".{h}." in k for h in heads) for k in missing]
     if missing and all(is_head):
-        logger.info("score head %s is new (the base checkpoint has none): initialised, trained in full precision", heads)
+        logger.info(
+            "score head %s is new (the base checkpoint has none): initialised, trained in full precision", heads
+        )
     others = [k for k, h in zip(missing, is_head, strict=True) if not h]
     if others:
         logger.warning("the base checkpoint lacks %d weights, initialised at random: %s", len(others), others[:8])
@@ -344,5 +368,3 @@ def count_parameters(model: Any) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "total": total}
-
-

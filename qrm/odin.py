@@ -30,30 +30,14 @@ from typing import Any
 
 import torch
 
+from .files import LENGTH_HEAD_FILE
+from .model import score_head, unwrap
+
 logger = logging.getLogger("qrm")
 
 DEBIAS_METHODS = ("none", "odin")
-LENGTH_HEAD_FILE = "length_head.safetensors"
 LENGTH_HEAD_NAME = "qrm_length_head"  # submodule of the transformers model, outside PEFT's adapter state dict
 RESPONSE_LEN_KEY = "qrm_response_len"  # batch key: response tokens of the 2B sequences, chosen first
-
-
-def _inner(model: Any) -> Any:
-    while hasattr(model, "module"):  # DDP / accelerate wrappers
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def score_head(model: Any) -> torch.nn.Module:
-    """The trained one-output score head (PEFT's `ModulesToSaveWrapper` around a Linear), the quality head."""
-    found = [
-        m
-        for m in _inner(model).modules()
-        if isinstance(getattr(m, "original_module", None), torch.nn.Linear) and m.original_module.out_features == 1
-    ]
-    if len(found) != 1:
-        raise ValueError(f"length_debias: odin needs exactly one trained linear score head, found {len(found)}")
-    return found[0]
 
 
 def head_weight(head: torch.nn.Module) -> torch.Tensor:
@@ -65,7 +49,7 @@ def head_weight(head: torch.nn.Module) -> torch.Tensor:
 
 def length_head(model: Any) -> torch.nn.Linear | None:
     """The length head attached to `model`, or None."""
-    return getattr(_inner(model), LENGTH_HEAD_NAME, None)
+    return getattr(unwrap(model), LENGTH_HEAD_NAME, None)
 
 
 def attach_length_head(model: Any) -> torch.nn.Linear:
@@ -74,7 +58,7 @@ def attach_length_head(model: Any) -> torch.nn.Linear:
     The head is initialised like a transformers score head (normal, std `initializer_range`) from the current torch
     seed, in the score head's dtype and device, and registered on the model, so the Trainer's optimizer, gradient
     clipping and non-finite guard see it like any trainable weight."""
-    inner = _inner(model)
+    inner = unwrap(model)
     head = score_head(model)
     w = head_weight(head)
     lin = torch.nn.Linear(w.shape[1], 1, bias=False, device=w.device, dtype=w.dtype)  # a bias cancels in BT and ρ
@@ -220,79 +204,49 @@ def odin_objective(
     return {"loss": loss, "bt": bt, "corr_quality": rho_q, "corr_length": rho_l, "ortho": ortho}
 
 
-def odin_loss(trainer: Any, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
-    """`compute_loss` for ODIN on packed (qrm's collator) or padded (TRL's) batches; logs TRL's metrics for the
-    quality head (what every client scores with) and the ODIN terms as `odin_*`."""
-    from transformers.modeling_outputs import SequenceClassifierOutput
+def odin_loss(trainer: Any, model: Any, inputs: dict[str, Any]) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The ODIN loss on packed (qrm's collator) or padded (TRL's) batches.
 
-    from .packing import INDEX_KEY, TOKENS_KEY, head_module, packed_logits
+    Args:
+        trainer (`QrmRewardTrainer`): the trainer (its arguments and, for packed batches, its reward head).
+        model (`torch.nn.Module`): the model as `compute_loss` gets it.
+        inputs (`dict`): the batch, with `RESPONSE_LEN_KEY`.
 
-    mode = "train" if trainer.model.training else "eval"
+    Returns:
+        `tuple`: (loss, quality-head rewards of the 2B responses (what TRL's metrics are logged for), tokens of the
+        batch as TRL counts them, the terms `bt`, `corr_quality`, `corr_length`, `ortho`).
+    """
+    from .packing import INDEX_KEY, TOKENS_KEY, packed_logits
+
     response_len = inputs.pop(RESPONSE_LEN_KEY)
     if INDEX_KEY in inputs:
-        if not hasattr(trainer, "_qrm_head"):
-            trainer._qrm_head = head_module(trainer.accelerator.unwrap_model(trainer.model))
-        logits = packed_logits(model, trainer._qrm_head, inputs)
+        logits = packed_logits(model, trainer.reward_head(), inputs)
         n_tokens = inputs[TOKENS_KEY]
     else:
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
         n_tokens = inputs["attention_mask"].sum()
     if logits.shape[-1] != 2:
         raise RuntimeError(f"length_debias=odin expects [quality, length] logits, got {logits.shape[-1]} columns")
-    lin = length_head(model)
     terms = odin_objective(
         logits[:, 0],
         logits[:, 1],
         response_len,
         head_weight(score_head(model)),
-        lin.weight,
+        length_head(model).weight,
         inputs.get("margin"),
         trainer.args.odin_length_weight,
         trainer.args.odin_ortho_weight,
         trainer.args.center_rewards_coefficient,
     )
-    acc, metrics = trainer.accelerator, trainer._metrics[mode]
-    if mode == "train":
-        trainer._total_train_tokens += acc.gather_for_metrics(n_tokens).sum().item() // trainer._tp_size
-    metrics["num_tokens"] = [trainer._total_train_tokens]
-    with torch.no_grad():
-        quality = logits[:, 0].detach()
-        chosen, rejected = quality.chunk(2)
-        everything = acc.gather(quality)
-        metrics["min_reward"].append(everything.min().item())
-        metrics["mean_reward"].append(everything.mean().item())
-        metrics["max_reward"].append(everything.max().item())
-        metrics["accuracy"].append(acc.gather_for_metrics((chosen > rejected).float().mean()).mean().item())
-        metrics["margin"].append(acc.gather_for_metrics((chosen - rejected).mean()).mean().item())
-        for key in ("bt", "corr_quality", "corr_length", "ortho"):
-            metrics[f"odin_{key}"].append(acc.gather_for_metrics(terms[key].detach()).mean().item())
-    if not return_outputs:
-        return terms["loss"]
-    return terms["loss"], SequenceClassifierOutput(logits=quality[:, None])
+    loss = terms.pop("loss")
+    return loss, logits[:, 0], n_tokens, terms
 
 
-class OdinMixin:
-    """Saves the length head beside every adapter the Trainer writes (checkpoints and the final output) and
-    restores it when resuming, so a resumed ODIN run continues exactly. A no-op without a length head."""
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, state_dict=state_dict)
-        lin = length_head(self.model)
-        if lin is not None and self.args.should_save:
-            save_length_head(lin, output_dir if output_dir is not None else self.args.output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        target = model if model is not None else self.model
-        if length_head(target) is not None:
-            load_length_head(target, resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        # load_best_model_at_end: the length head must come from the same checkpoint as the adapter.
-        super()._load_best_model()
-        best = self.state.best_model_checkpoint
-        if length_head(self.model) is not None and best and (Path(best) / LENGTH_HEAD_FILE).is_file():
-            load_length_head(self.model, best)
+def restore_length_head(model: Any, checkpoint: str | os.PathLike | None) -> None:
+    """Before resuming from `checkpoint`, load its length head into `model` (a no-op without a length head or
+    checkpoint): the Trainer restores the adapter, optimizer and RNG, qrm the head it keeps outside the adapter."""
+    if checkpoint is not None and length_head(model) is not None:
+        load_length_head(model, checkpoint)
 
 
 def with_response_lengths(collator: Any, args: Any, tokenizer: Any) -> Any:

@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
+from .model import score_head, unwrap
+
 logger = logging.getLogger("qrm")
 
 INDEX_KEY = "qrm_reward_index"  # positions of the 2B rewards in the packed row: chosen first, then rejected
 SEGMENT_KEY = "qrm_segment"  # pair (or sequence) id per token
 BRANCH_KEY = "qrm_branch"  # 0 shared prefix, 1 chosen tail, 2 rejected tail
 TOKENS_KEY = "qrm_num_tokens"  # tokens of chosen + rejected as TRL counts them (its num_tokens metric)
-PACKED_KEYS = (INDEX_KEY, SEGMENT_KEY, BRANCH_KEY, TOKENS_KEY)
 
 # Attention kernels that take the explicit mask prefix sharing needs; flash_attention_2 takes only sequence
 # boundaries (from position_ids), which is packing without sharing.
@@ -166,7 +167,7 @@ def use_pair_blocks(model: Any) -> bool:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     if getattr(base.config, "_attn_implementation", None) != "sdpa":
         return False
     AttentionInterface.register(PAIR_BLOCKS, _pair_blocks(sdpa_attention_forward))
@@ -177,7 +178,7 @@ def use_pair_blocks(model: Any) -> bool:
 
 def restore_attention(model: Any) -> None:
     """Undo `use_pair_blocks`, so that nothing saved or scored later sees the private kernel name."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     if getattr(base.config, "_attn_implementation", None) == PAIR_BLOCKS:
         base.config._attn_implementation = "sdpa"
 
@@ -199,19 +200,14 @@ def _pooler(base: Any) -> torch.nn.Module | None:
 
 
 def head_module(model: Any) -> torch.nn.Module | None:
-    """The score head of a last-token decoder (under PEFT, its ModulesToSaveWrapper); None for a BERT-style encoder."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if is_encoder(base):
-        return None
-    head = getattr(base, "score", None)
-    if head is None:
-        raise ValueError(f"{type(base).__name__} has no `score` head to read packed rewards from")
-    return head
+    """The score head of a last-token decoder (`qrm.model.score_head`: under PEFT, its ModulesToSaveWrapper); None
+    for a BERT-style encoder, whose rewards are its own logits."""
+    return None if is_encoder(model) else score_head(model)
 
 
 def is_encoder(model: Any) -> bool:
     """A BERT-style classifier: bidirectional, pooled at the first token."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     return _pooler(base) is not None and not base.config.is_decoder
 
 
@@ -219,7 +215,7 @@ def support(model: Any) -> tuple[bool, bool, str]:
     """(packing, prefix_sharing, why not) for this model: last-token-pooling decoders with a known attention kernel."""
     from transformers.modeling_layers import GenericForSequenceClassification
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     impl = getattr(base.config, "_attn_implementation", None) or "eager"
     if is_encoder(base):
         # Bidirectional attention: a token of the prompt sees the response, so nothing can be shared.
@@ -245,10 +241,7 @@ def packed_logits(model: Any, head: torch.nn.Module | None, inputs: dict[str, to
 
     Decoders: the head runs on every position (as in the padded forward) and a hook reads the 2B positions.
     BERT-style encoders: the pooler is given the 2B [CLS] states, so the model's own logits are the rewards."""
-    base = model
-    while hasattr(base, "module"):  # DDP / accelerate wrappers
-        base = base.module
-    inner = base.get_base_model() if hasattr(base, "get_base_model") else base
+    inner = unwrap(model)
     impl = getattr(inner.config, "_attn_implementation", None) or "eager"
     pooler = _pooler(inner) if is_encoder(inner) else None
     causal = pooler is None

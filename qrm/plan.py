@@ -12,10 +12,12 @@ import argparse
 import json
 import math
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from .files import MODEL_CONFIG
 
 GIB = 1024**3
 NF4_BLOCKSIZE = 64  # bitsandbytes' default 4-bit block: one absmax per 64 weights
@@ -75,7 +77,6 @@ class Architecture:
     num_kv_heads: int
     head_dim: int
     vocab: int
-    tied_embeddings: bool
     layer_linears: tuple[LayerLinear, ...]
     layer_norm_sizes: tuple[int, ...]
     final_norm_size: int
@@ -84,7 +85,7 @@ class Architecture:
     quantized_params: int  # weights of every nn.Linear except the head: what bitsandbytes packs into 4 bit
     lm_head_params: int  # the causal LM's output projection (0 when tied), for comparison with published sizes
     attn_softcap: bool
-    supports_sdpa: bool
+    config: Any = field(compare=False, repr=False)  # for the attention rule (qrm.model.choose_attention)
 
     @property
     def causal_lm_params(self) -> int:
@@ -101,7 +102,7 @@ class Architecture:
 
 
 def _find_config_dir(recipe_path: Path, model_name_or_path: str | None) -> Path:
-    if (recipe_path.parent / "config.json").is_file():
+    if (recipe_path.parent / MODEL_CONFIG).is_file():
         return recipe_path.parent
     if model_name_or_path:
         local = model_name_or_path
@@ -109,7 +110,7 @@ def _find_config_dir(recipe_path: Path, model_name_or_path: str | None) -> Path:
             from qrm.model import resolve_path
 
             local = resolve_path(local)
-        if (Path(local) / "config.json").is_file():
+        if (Path(local) / MODEL_CONFIG).is_file():
             return Path(local)
     raise FileNotFoundError(
         f"{recipe_path}: no config.json beside the recipe and model_name_or_path={model_name_or_path!r} is not a "
@@ -121,12 +122,12 @@ def _find_config_dir(recipe_path: Path, model_name_or_path: str | None) -> Path:
 def architecture(config_dir: str) -> Architecture:
     """Build the backbone on the meta device (no memory, no download) and read its shapes."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
+
+    from .model import meta_model, score_head
 
     cfg = AutoConfig.from_pretrained(config_dir)
-    cfg.num_labels = 1  # transformers 5 no longer accepts num_labels as a from_config kwarg
-    with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(cfg)
+    model = meta_model(cfg)
     text = cfg.get_text_config()
     layers = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == text.num_hidden_layers)
     layer0 = layers[0]
@@ -140,7 +141,7 @@ def architecture(config_dir: str) -> Architecture:
         for _, m in layer0.named_modules()
         if "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None and m.weight.dim() == 1
     )
-    head = _score_head(model)
+    head = score_head(model)
     score_params = sum(p.numel() for p in head.parameters())
     quantized = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
     backbone = sum(p.numel() for p in model.parameters()) - score_params
@@ -156,7 +157,6 @@ def architecture(config_dir: str) -> Architecture:
         num_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
         head_dim=head_dim,
         vocab=text.vocab_size,
-        tied_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
         layer_linears=linears,
         layer_norm_sizes=norms,
         final_norm_size=final_norm.weight.numel() if final_norm is not None else text.hidden_size,
@@ -165,15 +165,8 @@ def architecture(config_dir: str) -> Architecture:
         quantized_params=quantized,
         lm_head_params=0 if getattr(text, "tie_word_embeddings", False) else text.vocab_size * text.hidden_size,
         attn_softcap=getattr(text, "attn_logit_softcapping", None) is not None,
-        supports_sdpa=bool(getattr(model, "_supports_sdpa", True)),
+        config=cfg,
     )
-
-
-def _score_head(model: Any) -> Any:
-    for name in ("score", "classifier", "v_head"):
-        if hasattr(model, name):
-            return getattr(model, name)
-    raise ValueError(f"{type(model).__name__}: no score/classifier head found")
 
 
 def quantized_linear_bytes(numel: int, double_quant: bool) -> int:
@@ -197,16 +190,6 @@ def _targets(arch: Architecture, target_modules: list[str]) -> list[LayerLinear]
         for lin in arch.layer_linears
         if any(lin.name == t or lin.name.endswith("." + t) or lin.name.split(".")[-1] == t for t in target_modules)
     ]
-
-
-def resolve_attention(arch: Architecture, attn_implementation: str) -> str:
-    """What `attn_implementation` will be on a CUDA machine (auto: sdpa, eager if the model has no sdpa)."""
-    attn = (attn_implementation or "auto").lower()
-    if attn == "auto":
-        return "sdpa" if arch.supports_sdpa else "eager"
-    if attn.startswith("flash"):
-        return "flash_attention_2"
-    return attn
 
 
 def layer_activation_bytes_per_token(
@@ -247,7 +230,7 @@ def layer_activation_bytes_per_token(
         b += sum(act_bytes * t.in_features for t in targets if t.name.split(".")[-1] != "o_proj")
     b += act_bytes * lora_r * len(targets)  # LoRA A outputs, input to LoRA B
     b += 3 * base_bytes * i  # GLU: act(gate) input, act output, up output, in the residual dtype
-    if attn == "flash_attention_2":
+    if attn.startswith("flash_attention"):
         b += act_bytes * (2 * q + 2 * kv) + 4 * arch.num_heads  # q, k, v, out + fp32 logsumexp
     elif attn == "eager":
         probs = 4 + act_bytes + (act_bytes if arch.attn_softcap else 0)  # fp32 softmax out + 16-bit probs (+tanh)
@@ -269,6 +252,61 @@ def qrm_base_dtype(fsdp: bool, quant_storage: str) -> str:
     if fsdp:
         return quant_storage if quant_storage in ("bfloat16", "float16", "float32") else "bfloat16"
     return "float32"
+
+
+def _weight_bytes(
+    arch: Architecture,
+    load_in_4bit: bool,
+    double_quant: bool,
+    quant_storage: str,
+    base_bytes: int,
+    fsdp: bool,
+    n: int,
+) -> tuple[float, float, float, float]:
+    """(quantized bytes, other bytes, weights per GPU, FSDP's gathered layers): 4-bit linears + everything else in
+    the base dtype (embeddings, norms, biases, the score head)."""
+    layer_numels = [lin.in_features * lin.out_features for lin in arch.layer_linears]
+    if load_in_4bit:
+        layer_q = sum(quantized_linear_bytes(x, double_quant) for x in layer_numels)
+        outside_layers = arch.quantized_params - arch.num_layers * sum(layer_numels)
+        quantized = arch.num_layers * layer_q + (
+            quantized_linear_bytes(outside_layers, double_quant) if outside_layers else 0
+        )
+    else:
+        layer_q = sum(layer_numels) * base_bytes
+        quantized = arch.quantized_params * base_bytes
+    other = (arch.backbone_params - arch.quantized_params + arch.score_params) * base_bytes
+    layer_other = (
+        sum(arch.layer_norm_sizes) + sum(lin.out_features for lin in arch.layer_linears if lin.bias)
+    ) * base_bytes
+    shard_quantized = fsdp and (not load_in_4bit or quant_storage != "uint8")  # accelerate leaves uint8 unsharded
+    weights = (quantized / n if shard_quantized else quantized) + (other / n if fsdp else other)
+    gathered = 2 * (layer_q + layer_other) if fsdp else 0  # current + prefetched decoder layer, unsharded
+    return quantized, other, weights, gathered
+
+
+def _trainable_bytes(trainable: int, load_in_4bit: bool, compute_dtype: str, optim: str, fsdp: bool, n: int) -> float:
+    """Bytes per GPU of the trainable parameters, their grads and optimizer states."""
+    # TRL casts trainable params to bf16 on quantized models; qrm.train casts them back to fp32 for fp32 compute
+    pbytes = 2 if load_in_4bit and compute_dtype != "float32" else 4
+    opt = optim.lower()
+    state_bytes = 2 if "8bit" in opt else 0 if ("sgd" in opt or "adafactor" in opt) else 2 * pbytes
+    lora_mem = trainable * (pbytes + pbytes + state_bytes) / (n if fsdp else 1)
+    if n > 1 and not fsdp:
+        lora_mem += trainable * pbytes  # DDP gradient buckets are a second copy of the grads
+    return lora_mem
+
+
+def _transient_bytes(
+    arch: Architecture, attn: str, max_length: int, base_bytes: int, tokens: int, load_in_4bit: bool
+) -> float:
+    """Bytes the backward pass holds only briefly: MLP intermediate grads (+ eager attention's probability
+    grads) for every token, and one weight dequantized to 16-bit for its matmul."""
+    transient_per_token = 3 * base_bytes * arch.intermediate  # grads of the MLP intermediates being back-propagated
+    if attn == "eager":
+        transient_per_token += 4 * arch.num_heads * max_length  # fp32 grad of the attention probabilities
+    dequant = 2 * max(lin.in_features * lin.out_features for lin in arch.layer_linears) if load_in_4bit else 0
+    return tokens * transient_per_token + dequant
 
 
 def estimate(
@@ -293,6 +331,8 @@ def estimate(
     fsdp: bool | None = None,
 ) -> dict[str, Any]:
     """Peak memory per GPU, in bytes per component (see ASSUMPTIONS). `base_dtype=None`: qrm's loading rule."""
+    from .model import choose_attention
+
     target_modules = target_modules or ["all-linear"]
     if fsdp is None:
         # a recipe whose packed weights can be sharded (floating quant storage) is meant for FSDP on >1 GPU
@@ -301,37 +341,16 @@ def estimate(
     base_bytes = DTYPE_BYTES[base_dtype or qrm_base_dtype(fsdp, quant_storage)]
     act_bytes = 2 if bf16 else 4
     targets = _targets(arch, target_modules)
-    attn = resolve_attention(arch, attn_implementation)
-
-    # weights: 4-bit linears + everything else in the base dtype (embeddings, norms, biases, the score head)
-    layer_numels = [lin.in_features * lin.out_features for lin in arch.layer_linears]
-    if load_in_4bit:
-        layer_q = sum(quantized_linear_bytes(x, double_quant) for x in layer_numels)
-        outside_layers = arch.quantized_params - arch.num_layers * sum(layer_numels)
-        quantized = arch.num_layers * layer_q + (
-            quantized_linear_bytes(outside_layers, double_quant) if outside_layers else 0
-        )
-    else:
-        layer_q = sum(layer_numels) * base_bytes
-        quantized = arch.quantized_params * base_bytes
-    other = (arch.backbone_params - arch.quantized_params + arch.score_params) * base_bytes
-    layer_other = (
-        sum(arch.layer_norm_sizes) + sum(lin.out_features for lin in arch.layer_linears if lin.bias)
-    ) * base_bytes
-    shard_quantized = fsdp and (not load_in_4bit or quant_storage != "uint8")  # accelerate leaves uint8 unsharded
-    weights = (quantized / n if shard_quantized else quantized) + (other / n if fsdp else other)
-    gathered = 2 * (layer_q + layer_other) if fsdp else 0  # current + prefetched decoder layer, unsharded
+    # What training will pick on the GPU machine (the same rule; flash-attn counts when installed where plan runs).
+    attn = choose_attention(attn_implementation or "auto", arch.config, cuda=True)
+    quantized, other, weights, gathered = _weight_bytes(
+        arch, load_in_4bit, double_quant, quant_storage, base_bytes, fsdp, n
+    )
 
     # trainable: LoRA A/B on every targeted linear of every layer + the score head (PEFT modules_to_save copy)
     lora_params = arch.num_layers * sum(lora_r * (t.in_features + t.out_features) for t in targets)
     trainable = lora_params + arch.score_params
-    # TRL casts trainable params to bf16 on quantized models; qrm.train casts them back to fp32 for fp32 compute
-    pbytes = 2 if load_in_4bit and compute_dtype != "float32" else 4
-    opt = optim.lower()
-    state_bytes = 2 if "8bit" in opt else 0 if ("sgd" in opt or "adafactor" in opt) else 2 * pbytes
-    lora_mem = trainable * (pbytes + pbytes + state_bytes) / (n if fsdp else 1)
-    if n > 1 and not fsdp:
-        lora_mem += trainable * pbytes  # DDP gradient buckets are a second copy of the grads
+    lora_mem = _trainable_bytes(trainable, load_in_4bit, compute_dtype, optim, fsdp, n)
 
     # activations, for T = 2 x batch x max_length tokens (chosen and rejected in one forward)
     tokens = 2 * per_device_batch * max_length
@@ -345,11 +364,7 @@ def estimate(
     else:
         per_token = arch.num_layers * per_layer + outside
     activations = tokens * per_token * (1 + ALLOCATOR_SLACK)
-    transient_per_token = 3 * base_bytes * arch.intermediate  # grads of the MLP intermediates being back-propagated
-    if attn == "eager":
-        transient_per_token += 4 * arch.num_heads * max_length  # fp32 grad of the attention probabilities
-    dequant = 2 * max(layer_numels) if load_in_4bit else 0  # one weight dequantized to 16-bit for its matmul
-    transients = tokens * transient_per_token + dequant
+    transients = _transient_bytes(arch, attn, max_length, base_bytes, tokens, load_in_4bit)
 
     overhead = (CUDA_CONTEXT_GIB + (NCCL_GIB if n > 1 else 0)) * GIB
     train_peak = weights + gathered + lora_mem + activations + transients + overhead

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .files import CARD_FILE, MODEL_CONFIG, is_adapter_dir
+
 logger = logging.getLogger("qrm")
 
 REPLACED_SUFFIX = ".replaced-"
@@ -55,7 +57,7 @@ def check_output_dir(output_dir: str, inputs: dict[str, str | None], sources: An
 
 
 def _user_readme(out: Path) -> bool:
-    readme = out / "README.md"
+    readme = out / CARD_FILE
     if not readme.is_file():
         return False
     from huggingface_hub.repocard import metadata_load
@@ -74,7 +76,7 @@ def decide_output_dir(targs: Any, resolved: dict[str, Any], train_rows: list[dic
     `replace_output_dir`; raise `RecipeError` when the directory holds files this run must not touch. Writes
     nothing except that rename."""
     from .config import RecipeError, data_fingerprint, resolved_recipe
-    from .reliability import last_good_checkpoint, resume_checkpoint
+    from .resume import last_good_checkpoint, resume_checkpoint
 
     out = Path(targs.output_dir)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
@@ -188,22 +190,22 @@ def check_model_source(margs: Any, where: Any = None) -> str | None:
     if path.is_file():
         raise RecipeError(f"{head}: is a file; expected a model directory (with config.json) or a Hub id")
     if path.is_dir():
-        if (path / "config.json").is_file():
+        if (path / MODEL_CONFIG).is_file():
             try:
-                json.loads((path / "config.json").read_text(encoding="utf-8"))
+                json.loads((path / MODEL_CONFIG).read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError) as e:
-                raise RecipeError(f"{head}: {path / 'config.json'} is not valid JSON: {e}") from None
+                raise RecipeError(f"{head}: {path / MODEL_CONFIG} is not valid JSON: {e}") from None
             if not any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS):
                 raise RecipeError(f"{head}: the directory has a config.json but no weights (*.safetensors, *.bin)")
             return str(path)
-        hint = " (it is a LoRA adapter dir: give its base model)" if (path / "adapter_config.json").is_file() else ""
+        hint = " (it is a LoRA adapter dir: give its base model)" if is_adapter_dir(path) else ""
         raise RecipeError(f"{head}: directory has no config.json, so it holds no model{hint}")
     if not _HUB_MODEL_ID.match(name):
         raise RecipeError(f"{head}: no such directory")
     if offline := offline_variable():
         from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(name, "config.json", revision=margs.model_revision), str):
+        if not isinstance(try_to_load_from_cache(name, MODEL_CONFIG, revision=margs.model_revision), str):
             raise RecipeError(
                 f"{head}: no such local path, and {offline} is set, so it is not fetched from the Hub as a repo id "
                 "(nor is it in the Hub cache)"
@@ -217,18 +219,17 @@ def check_lora_targets(local_dir: str, largs: Any, where: Any = None, trust_remo
     if list(largs.lora_target_modules) == ["all-linear"]:
         return
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     from .config import RecipeError
+    from .model import meta_model
 
     src = where("lora_target_modules") if callable(where) else (where or "recipe")
     try:
         config = AutoConfig.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise RecipeError(f"{local_dir}/config.json: cannot be read: {str(e).splitlines()[0]}") from None
-    config.num_labels = 1
-    with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    model = meta_model(config, trust_remote_code=trust_remote_code)
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     missing = [t for t in largs.lora_target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:

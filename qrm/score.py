@@ -1,8 +1,11 @@
-"""Scoring: rewards for token ids or texts, from a live model, an adapter directory or a merged export."""
+"""Scoring: rewards for token ids or texts, from a live model, an adapter directory or a merged export, and the
+`qrm score` command (`score_file`: rewards for every row of a file)."""
 
 from __future__ import annotations
 
-import contextlib
+import argparse
+import json
+import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -10,32 +13,10 @@ from typing import Any
 
 import torch
 
-RECIPE_FILE = "qrm_recipe.yaml"
+from .files import RECIPE_FILE, is_adapter_dir
+
 Messages = list[dict[str, Any]]
 DEFAULT_MAX_LENGTH = 1024  # TrainingArguments.max_length's default; a recipe at the default omits the key
-
-
-def autocast_dtype(model: Any) -> torch.dtype | None:
-    """The 16-bit dtype to autocast to, or None: the 4-bit model as TRL trains it needs it, an export does not.
-
-    With a bf16 compute dtype TRL trains the 4-bit model under bf16 autocast, with bf16 LoRA and head next to fp32
-    norms (or, under FSDP, everything in the bf16 storage dtype): score it the same way. A plain model whose float
-    weights share one dtype (a merged export in bf16 or fp32) runs as is, as `transformers.pipeline` and vLLM
-    run it."""
-    params = list(model.parameters())
-    quantized = any(getattr(p, "quant_state", None) is not None for p in params)
-    # Packed 4-bit storage may carry a float dtype (bnb_4bit_quant_storage); it says nothing about compute.
-    dtypes = {p.dtype for p in params if p.is_floating_point() and getattr(p, "quant_state", None) is None}
-    low = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
-    return low[0] if low and (quantized or len(dtypes) > 1) else None
-
-
-def autocast_for(model: Any) -> contextlib.AbstractContextManager:
-    """Autocast context matching how the model was trained (see `autocast_dtype`)."""
-    dtype = autocast_dtype(model)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=next(model.parameters()).device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -46,7 +27,20 @@ def score_ids(
     batch_size: int = 16,
     progress: bool = False,
 ) -> list[float]:
-    """Reward of each token sequence; batches are grouped by length so padding stays small."""
+    """Reward of each token sequence; batches are grouped by length so padding stays small.
+
+    Args:
+        model (`PreTrainedModel`): a one-label sequence classifier (export, or 4-bit base + adapter).
+        sequences (`Sequence[Sequence[int]]`): token ids, each a whole (prompt, response) sequence.
+        pad_token_id (`int`): the tokenizer's pad token (never EOS: the reward is read at the last non-pad token).
+        batch_size (`int`, *optional*, defaults to `16`): sequences per forward pass.
+        progress (`bool`, *optional*, defaults to `False`): show a progress bar.
+
+    Returns:
+        `list[float]`: one reward per sequence, in the given order; scored under the autocast training used
+        (`qrm.model.autocast_for`)."""
+    from .model import autocast_for  # lazily: qrm.model imports TRL (through qrm.config)
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -83,7 +77,14 @@ def score_ids(
 def score_pair_rows(
     model: Any, rows: Sequence[dict], pad_token_id: int, batch_size: int = 16, progress: bool = False
 ) -> tuple[list, list]:
-    """(chosen rewards, rejected rewards) for tokenized pair rows with `chosen_ids` / `rejected_ids`."""
+    """(chosen rewards, rejected rewards) for tokenized pair rows with `chosen_ids` / `rejected_ids`.
+
+    Args:
+        model (`PreTrainedModel`): as in `score_ids`.
+        rows (`Sequence[dict]`): pair rows as `qrm.data.tokenize_pairs` returns them.
+        pad_token_id (`int`): the tokenizer's pad token.
+        batch_size (`int`, *optional*, defaults to `16`): sequences per forward pass.
+        progress (`bool`, *optional*, defaults to `False`): show a progress bar."""
     seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
     rewards = score_ids(model, seqs, pad_token_id, batch_size, progress=progress)
     return rewards[: len(rows)], rewards[len(rows) :]
@@ -92,8 +93,16 @@ def score_pair_rows(
 def tokenize_responses(
     tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_length: int
 ) -> list[list[int] | None]:
-    """Token ids of each (prompt, response) exactly as training built them; None where the response alone does
-    not fit `max_length` (training drops such pairs; the prompt is cut from the left otherwise)."""
+    """Token ids of each (prompt, response) exactly as training built them.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): the reward model's tokenizer.
+        prompts (`Sequence[str]`): prompt texts.
+        responses (`Sequence[str]`): response texts, as many as `prompts`.
+        max_length (`int`): training's max_length; the prompt is cut from the left to fit.
+
+    Returns:
+        `list`: token ids per pair, or None where the response alone does not fit (training drops such pairs)."""
     from .data import DataError, DataReport, tokenize_pairs
 
     if len(prompts) != len(responses):
@@ -133,7 +142,10 @@ def read_recipe(path: str | Path) -> tuple[Any, dict[str, Any]]:
 
 
 def recipe_max_length(recipe: dict[str, Any]) -> int:
-    """The max_length training tokenized with (the dataclass default when the resolved recipe omits it)."""
+    """The max_length training tokenized with (the dataclass default when the resolved recipe omits it).
+
+    Args:
+        recipe (`dict`): the mapping `read_recipe` returns."""
     return int(recipe.get("max_length") or DEFAULT_MAX_LENGTH)
 
 
@@ -165,12 +177,20 @@ class RewardModel:
     ) -> RewardModel:
         """Load an adapter dir or a merged export.
 
-        `device` and `dtype` ("auto": as stored) apply to exports; an adapter's 4-bit base goes where training put
-        it (the GPU when there is one) and keeps the training dtypes."""
+        Args:
+            path (`str` or `Path`): an adapter dir (`qrm train`) or an export (`qrm merge`).
+            device (`str`, *optional*, defaults to `None`): where an export runs (the GPU when there is one).
+            max_length (`int`, *optional*, defaults to `None`): defaults to the training recipe's (an export
+                without a recipe: the model's `max_position_embeddings`).
+            dtype (`str` or `torch.dtype`, *optional*, defaults to `"auto"`): an export's weights' dtype ("auto":
+                as stored).
+
+        An adapter's 4-bit base goes where training put it (the GPU when there is one) and keeps the training
+        dtypes: `device` and `dtype` apply to exports only."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = Path(path)
-        if (path / "adapter_config.json").is_file():
+        if is_adapter_dir(path):
             model, tokenizer, recipe_max = load_adapter_model(path)
         else:
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -200,16 +220,17 @@ class RewardModel:
     def tokenize(self, prompts: Sequence[str | Messages], responses: Sequence[str | Messages]) -> list[list[int]]:
         """Token ids as training built them (conversations rendered by `render`); raises if a response alone
         exceeds max_length."""
-        prompts, responses = self._texts(prompts, responses)
+        prompts, responses = self.render_batch(prompts, responses)
         ids = tokenize_responses(self.tokenizer, prompts, responses, self.max_length)
         bad = [i for i, x in enumerate(ids) if x is None]
         if bad:
             raise ValueError(f"responses {bad[:10]} alone exceed max_length={self.max_length} tokens")
         return ids  # type: ignore[return-value]
 
-    def _texts(
+    def render_batch(
         self, prompts: Sequence[str | Messages], responses: Sequence[str | Messages]
     ) -> tuple[list[str], list[str]]:
+        """`render` for many pairs: (prompt texts, response texts); raises `ValueError` if the counts differ."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         if all(isinstance(x, str) for x in (*prompts, *responses)):
@@ -218,7 +239,11 @@ class RewardModel:
         return [p for p, _ in pairs], [r for _, r in pairs]
 
     def score(self, prompt: str | Messages, response: str | Messages) -> float:
-        """Reward of one response to one prompt (strings, or message lists as in `render`)."""
+        """Reward of one response to one prompt.
+
+        Args:
+            prompt (`str` or `list[dict]`): a text, or messages as in `render`.
+            response (`str` or `list[dict]`): a text, or messages as in `render`."""
         return self.score_batch([prompt], [response])[0]
 
     def score_batch(
@@ -228,7 +253,13 @@ class RewardModel:
         batch_size: int = 16,
         progress: bool = False,
     ) -> list[float]:
-        """Rewards of many (prompt, response) pairs, batched by length (strings, or message lists as in `render`)."""
+        """Rewards of many (prompt, response) pairs, batched by length.
+
+        Args:
+            prompts (`Sequence[str | list[dict]]`): texts, or messages as in `render`.
+            responses (`Sequence[str | list[dict]]`): as many texts or message lists.
+            batch_size (`int`, *optional*, defaults to `16`): sequences per forward pass.
+            progress (`bool`, *optional*, defaults to `False`): show a progress bar."""
         seqs = self.tokenize(prompts, responses)
         return score_ids(self.model, seqs, self.tokenizer.pad_token_id, batch_size, progress=progress)
 
@@ -263,7 +294,13 @@ class RewardModel:
 
 
 def load_adapter_model(path: str | Path) -> tuple[Any, Any, int]:
-    """Rebuild the 4-bit base exactly as the recipe beside the adapter says, and load the adapter and head."""
+    """Rebuild the 4-bit base exactly as the recipe beside the adapter says, and load the adapter and head.
+
+    Args:
+        path (`str` or `Path`): an adapter dir written by `qrm train`.
+
+    Returns:
+        `tuple`: (the `PeftModel`, with LoRA and head in the training dtypes, its tokenizer, training's max_length)."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -276,7 +313,7 @@ def load_adapter_model(path: str | Path) -> tuple[Any, Any, int]:
 
     with quiet_load_report():  # the head missing from a *ForCausalLM / BertModel base comes from the adapter next
         model, _ = load_base(margs, tokenizer, trust_remote_code=bool(recipe.get("trust_remote_code", False)))
-    model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+        model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     # Match training numerics: TRL trains the LoRA and head weights in bf16 on a 4-bit base.
     if margs.load_in_4bit and margs.bnb_4bit_compute_dtype != "float32":
         for name, p in model.named_parameters():
@@ -354,78 +391,187 @@ def render_pair(tokenizer: Any, prompt: str | Messages, response: str | Messages
     return text, out
 
 
-def policy_device() -> str:
-    """The device an RL trainer's policy uses in this process: `cuda:LOCAL_RANK` under accelerate/torchrun (the
-    current CUDA device otherwise) when there is a GPU, else the CPU."""
-    import os
+# ------------------------------------------------------------------------------------------------ qrm score
 
-    if not torch.cuda.is_available():
-        return "cpu"
-    rank = os.environ.get("LOCAL_RANK")
-    return f"cuda:{int(rank) if rank is not None else torch.cuda.current_device()}"
+SCORE_FORMATS = ("auto", "responses", "explicit", "implicit", "conversational", "sharegpt", "ratings")
 
 
-class RewardFunction:
-    """A reward model as one of TRL's `reward_funcs`: `fn(prompts, completions, **kwargs) -> list[float | None]`.
-
-    Built by `qrm.reward_function`. Prompts and completions are strings (standard datasets) or message lists
-    (conversational datasets), as `GRPOTrainer` / `RLOOTrainer` pass them; conversations are rendered and every
-    text tokenized exactly as training did, so the rewards equal `qrm score`'s. A completion that alone exceeds
-    the model's max_length gets None (TRL treats it as unscorable) instead of stopping the run."""
-
-    def __init__(self, reward_model: RewardModel, batch_size: int = 16, name: str = "qrm_reward"):
-        self.reward_model = reward_model
-        self.batch_size = batch_size
-        self.__name__ = name
-
-    def __call__(
-        self, prompts: Sequence[str | Messages], completions: Sequence[str | Messages], **kwargs: Any
-    ) -> list[float | None]:
-        rm = self.reward_model
-        texts_p, texts_r = rm._texts(prompts, completions)
-        ids = tokenize_responses(rm.tokenizer, texts_p, texts_r, rm.max_length)
-        keep = [i for i, x in enumerate(ids) if x is not None]
-        rewards = score_ids(rm.model, [ids[i] for i in keep], rm.tokenizer.pad_token_id, self.batch_size)
-        out: list[float | None] = [None] * len(ids)
-        for i, reward in zip(keep, rewards, strict=True):
-            out[i] = reward
-        return out
-
-    def __repr__(self) -> str:
-        return f"RewardFunction({self.__name__!r}, batch_size={self.batch_size})"
-
-
-def reward_function(
-    model: str | Path | RewardModel,
+def score_file(
+    model: str | Path,
+    data: str | Path,
+    out: str | Path | None = None,
     batch_size: int = 16,
-    device: str | None = None,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    dataset_format: str = "auto",
+    chosen_column: str = "chosen",
+    rejected_column: str = "rejected",
     max_length: int | None = None,
-    dtype: str | torch.dtype = "auto",
-    name: str | None = None,
-) -> RewardFunction:
-    """A reward model as a TRL reward function: `GRPOTrainer(..., reward_funcs=qrm.reward_function(DIR))`.
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score every row of `data` with `model` and write one JSON line per row (`qrm score`).
 
     Args:
-        model (`str`, `Path` or `RewardModel`):
-            An export written by `qrm merge`, an adapter dir written by `qrm train`, or a loaded `RewardModel`.
-        batch_size (`int`, *optional*, defaults to `16`):
-            Sequences per forward pass (grouped by length, as `qrm score` does).
-        device (`str`, *optional*):
-            Where an export runs; defaults to the policy's device in this process (`cuda:LOCAL_RANK` under
-            accelerate, else the current GPU, else the CPU). An adapter's 4-bit base goes where training put it.
-        max_length (`int`, *optional*):
-            Defaults to the training recipe's; the prompt is cut from the left to fit, as in training.
-        dtype (`str` or `torch.dtype`, *optional*, defaults to `"auto"`):
-            Dtype of an export's weights ("auto": as stored).
-        name (`str`, *optional*):
-            The `__name__` TRL logs the rewards under (`rewards/<name>/mean`); defaults to `qrm_<dir name>`.
+        model (`str` or `Path`): an export (`qrm merge`) or adapter dir (`qrm train`).
+        data (`str` or `Path`): a jsonl/json/csv/parquet file.
+        out (`str` or `Path`, *optional*, defaults to `None`): the JSONL file to write; stdout when None.
+        batch_size (`int`, *optional*, defaults to `16`): sequences per forward pass.
+        prompt_column (`str`, *optional*, defaults to `"prompt"`): prompt column of rows scored one by one.
+        response_column (`str`, *optional*, defaults to `"response"`): response column of rows scored one by one.
+        dataset_format (`str`, *optional*, defaults to `"auto"`): `auto`, `responses`, or a pair format of
+            `qrm.data`; rows without the prompt and response columns are read as preference pairs.
+        chosen_column (`str`, *optional*, defaults to `"chosen"`): preferred response of a pair.
+        rejected_column (`str`, *optional*, defaults to `"rejected"`): dispreferred response of a pair.
+        max_length (`int`, *optional*, defaults to `None`): defaults to the training recipe's.
+        progress (`bool`, *optional*, defaults to `True`): show a progress bar.
 
     Returns:
-        `RewardFunction`: called as `fn(prompts, completions, **kwargs)`, returns one reward per completion."""
-    if isinstance(model, RewardModel):
-        return RewardFunction(model, batch_size, name or "qrm_reward")
-    path = Path(model)
-    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a qrm export or adapter dir (no config.json or adapter_config.json)")
-    rm = RewardModel.from_pretrained(path, device=device or policy_device(), max_length=max_length, dtype=dtype)
-    return RewardFunction(rm, batch_size, name or f"qrm_{path.resolve().name}")
+        `dict`: `rows`, `scored`, `skipped`, `mode` (`responses` or `pairs`) and `out`. Rows are numbered from 1 as
+        in qrm's data errors: a response row gets {"row", "reward"}, a pair {"row", "chosen_reward",
+        "rejected_reward", "margin"}; a row that could not be scored gets "skipped" with the reason."""
+    from .config import DataArguments
+    from .data import DataError, load_rows
+
+    ds, where = load_rows(str(data))
+    rows = list(ds)
+    if not rows:
+        raise DataError(f"{where}: the file holds no rows")
+    dargs = DataArguments(
+        dataset=str(data),
+        dataset_format=dataset_format,
+        prompt_column=prompt_column,
+        chosen_column=chosen_column,
+        rejected_column=rejected_column,
+    )
+    mode, prompt_column, response_column = _score_mode(rows, dargs, where, response_column)
+    rm = RewardModel.from_pretrained(model, max_length=max_length)
+    if mode == "responses":
+        lines = _score_responses(rm, rows, where, (prompt_column, response_column), batch_size, progress)
+    else:
+        lines = _score_pairs(rm, rows, dargs, where, batch_size, progress)
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    if out is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    skipped = sum(1 for line in lines if "skipped" in line)
+    return {"rows": len(rows), "scored": len(rows) - skipped, "skipped": skipped, "mode": mode, "out": out}
+
+
+def _score_mode(rows: list[dict], dargs: Any, where: str, response_column: str) -> tuple[str, str, str]:
+    """("responses" or "pairs", prompt column, response column): rows with both columns are responses, a ratings
+    file is scored answer by answer, anything else is read as preference pairs."""
+    from .data import detect_format
+
+    fmt, prompt_column, columns = dargs.dataset_format, dargs.prompt_column, set(rows[0])
+    if fmt in ("auto", "responses") and {prompt_column, response_column} <= columns:
+        return "responses", prompt_column, response_column
+    if fmt in ("auto", "ratings"):
+        fmt = fmt if fmt != "auto" else detect_format(list(columns), rows[0], dargs, where)[0]
+        if fmt == "ratings":  # one answer per row: score each answer rather than best-vs-worst pairs
+            return "responses", prompt_column if prompt_column in columns else "question", dargs.response_column
+    return "pairs", prompt_column, response_column
+
+
+def _score_responses(
+    rm: RewardModel, rows: list[dict], where: str, columns: tuple[str, str], batch_size: int, progress: bool
+) -> list[dict[str, Any]]:
+    from .data import DataError
+
+    for i, row in enumerate(rows, start=1):
+        for col in columns:
+            if not isinstance(row.get(col), str):
+                raise DataError(f"{where}: row {i}: field {col!r} must be a string, got {row.get(col)!r}")
+    prompts, responses = [row[columns[0]] for row in rows], [row[columns[1]] for row in rows]
+    ids = tokenize_responses(rm.tokenizer, prompts, responses, rm.max_length)
+    keep = [i for i, x in enumerate(ids) if x is not None]
+    rewards = score_ids(rm.model, [ids[i] for i in keep], rm.tokenizer.pad_token_id, batch_size, progress)
+    by_row = dict(zip(keep, rewards, strict=True))
+    skipped = {"reward": None, "skipped": f"response exceeds max_length={rm.max_length}"}
+    return [{"row": i + 1, "reward": by_row[i]} if i in by_row else {"row": i + 1, **skipped} for i in range(len(rows))]
+
+
+def _score_pairs(
+    rm: RewardModel, rows: list[dict], dargs: Any, where: str, batch_size: int, progress: bool
+) -> list[dict[str, Any]]:
+    from .data import DataError, build_pairs, tokenize_pairs
+
+    pairs, report = build_pairs(rows, dargs, where, rm.tokenizer)
+    try:
+        tok = tokenize_pairs(pairs, rm.tokenizer, rm.max_length, report)
+    except DataError:
+        tok = []
+    chosen, rejected = score_pair_rows(rm.model, tok, rm.tokenizer.pad_token_id, batch_size, progress)
+    by_row = {r["row"]: (c, rj) for r, c, rj in zip(tok, chosen, rejected, strict=True)}
+    paired = {p["row"] for p in pairs}
+    lines: list[dict[str, Any]] = []
+    for i in range(1, len(rows) + 1):
+        if i in by_row:
+            c, rj = by_row[i]
+            lines.append({"row": i, "chosen_reward": c, "rejected_reward": rj, "margin": c - rj})
+        else:
+            why = f"response exceeds max_length={rm.max_length}" if i in paired else "not a usable pair"
+            lines.append({"row": i, "chosen_reward": None, "rejected_reward": None, "skipped": why})
+    return lines
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="qrm score",
+        description="Score (prompt, response) rows or preference pairs with an export or adapter dir; JSONL out.",
+    )
+    ap.add_argument("--model", required=True, help="Export dir (qrm merge) or adapter dir (qrm train).")
+    ap.add_argument("--data", required=True, help="jsonl/json/csv/parquet file.")
+    ap.add_argument("--out", default=None, help="Output JSONL (default: stdout).")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--prompt-column", default="prompt")
+    ap.add_argument(
+        "--response-column", default="response", help="Rows with prompt and response columns are scored one by one."
+    )
+    ap.add_argument("--chosen-column", default="chosen")
+    ap.add_argument("--rejected-column", default="rejected")
+    ap.add_argument(
+        "--format",
+        default="auto",
+        help="auto, responses, or a pair format of qrm.data (explicit, implicit, conversational, sharegpt, ratings).",
+    )
+    ap.add_argument("--max-length", type=int, default=None, help="Default: the training recipe's max_length.")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--force", action="store_true", help="Replace an existing --out file.")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`qrm score`: write one JSON line of rewards per input row; returns the exit status (2 on bad input)."""
+    args = _parser().parse_args(argv)
+    from .cli import FlagError, check_flags, check_model_dir, check_out_path, user_error
+    from .data import DataError
+
+    try:
+        check_flags("qrm score", batch_size=args.batch_size, max_length=args.max_length)
+        if args.format not in SCORE_FORMATS:
+            raise FlagError(f"--format {args.format}: expected one of {', '.join(SCORE_FORMATS)}")
+        check_model_dir("--model", args.model)
+        check_out_path("--out", args.out, {"--data": args.data, "--model": args.model})
+        if args.out and Path(args.out).is_dir():
+            raise FlagError(f"--out {args.out}: is a directory; give the path of the JSONL file to write")
+        if args.out and Path(args.out).exists() and not args.force:
+            raise FlagError(f"--out {args.out}: exists; pass --force to replace it")
+        same = ("out", "batch_size", "prompt_column", "response_column", "chosen_column", "rejected_column")
+        kwargs = {k: getattr(args, k) for k in (*same, "max_length")}
+        summary = score_file(args.model, args.data, dataset_format=args.format, progress=not args.no_progress, **kwargs)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        return user_error("qrm score", e)
+    print(
+        f"scored {summary['scored']} of {summary['rows']} rows ({summary['mode']})"
+        + (f", {summary['skipped']} skipped" if summary["skipped"] else "")
+        + (f" -> {summary['out']}" if summary["out"] else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Training: recipe -> data check -> 4-bit model with LoRA -> TRL RewardTrainer -> adapter, head and reports."""
+"""Training, orchestrated: recipe -> checks and data -> resume decision -> provenance -> 4-bit model with LoRA ->
+qrm's RewardTrainer (qrm/trainer.py) -> adapter, head, reports."""
 
 from __future__ import annotations
 
@@ -12,124 +13,87 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataArguments, LoraArguments, ModelArguments, TrainingArguments, to_dict, write_provenance
+from .files import DATA_REPORT_FILE, METRICS_FILE, VERIFY_PAIRS_FILE
 
 logger = logging.getLogger("qrm")
 
 
-def _setup_logging(targs: TrainingArguments) -> None:
-    level = logging.INFO if targs.get_process_log_level() <= logging.INFO else logging.WARNING
-    logging.basicConfig(format="[qrm] %(message)s", level=level, stream=sys.stdout, force=False)
+class _Stdout(logging.StreamHandler):
+    # The current sys.stdout at every line (a captured or redirected stdout included), never one saved at setup.
+    @property
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+def _console(targs: TrainingArguments) -> None:
+    """qrm's own facts (attention, packing, resume point, data report, outputs) as `[qrm] ...` lines on stdout of the
+    main process by default: the Trainer's default log level (passive) would leave them at warning. An explicit
+    `log_level` still rules; other processes follow `log_level_replica`."""
+    level = targs.get_process_log_level()
+    if _is_main() and targs.log_level == "passive":
+        level = logging.INFO
     logger.setLevel(level)
+    if not any(isinstance(h, _Stdout) for h in logger.handlers):
+        handler = _Stdout()
+        handler.setFormatter(logging.Formatter("[qrm] %(message)s"))
+        logger.addHandler(handler)
 
 
 def _is_main() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
-def _trainer_class() -> type:
-    from trl import RewardTrainer
-
-    from . import odin, packing
-    from .reliability import ReliabilityMixin
-
-    class QrmRewardTrainer(odin.OdinMixin, ReliabilityMixin, RewardTrainer):
-        """TRL's RewardTrainer with atomic checkpoints, a non-finite guard, no token in pickles, the `length`
-        column kept for length-grouped sampling, and `prompt_len` for ODIN's response lengths."""
-
-        def _set_signature_columns_if_needed(self) -> None:
-            super()._set_signature_columns_if_needed()
-            for extra in ("length", "prompt_len"):
-                if extra not in self._signature_columns:
-                    # TRL's collator ignores keys it does not know, so the extra columns are harmless there.
-                    self._signature_columns = [*self._signature_columns, extra]
-
-        def compute_loss(
-            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
-        ) -> Any:
-            """TRL's loss and metrics; batches from `PairPackingCollator` go through the packed forward."""
-            if odin.RESPONSE_LEN_KEY in inputs:
-                return odin.odin_loss(self, model, inputs, return_outputs)
-            if packing.INDEX_KEY not in inputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            return _packed_loss(self, model, inputs, return_outputs)
-
-    return QrmRewardTrainer
-
-
-def _packed_loss(trainer: Any, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
-    """Bradley-Terry loss on a packed batch, with the metrics TRL's `compute_loss` logs (same names, same maths)."""
-    import torch
-    from transformers.modeling_outputs import SequenceClassifierOutput
-
-    from .packing import TOKENS_KEY, head_module, packed_rewards
-
-    mode = "train" if trainer.model.training else "eval"
-    if not hasattr(trainer, "_qrm_head"):
-        trainer._qrm_head = head_module(trainer.accelerator.unwrap_model(trainer.model))
-    rewards = packed_rewards(model, trainer._qrm_head, inputs)
-    chosen, rejected = rewards.chunk(2)
-    diff = chosen - rejected
-    if "margin" in inputs:
-        diff = diff - inputs["margin"]
-    loss = -torch.nn.functional.logsigmoid(diff).mean()
-    if trainer.args.center_rewards_coefficient is not None:
-        loss = loss + trainer.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
-
-    acc, metrics = trainer.accelerator, trainer._metrics[mode]
-    if mode == "train":
-        trainer._total_train_tokens += acc.gather_for_metrics(inputs[TOKENS_KEY]).sum().item() // trainer._tp_size
-    metrics["num_tokens"] = [trainer._total_train_tokens]
-    with torch.no_grad():
-        everything = acc.gather(rewards.detach())
-        metrics["min_reward"].append(everything.min().item())
-        metrics["mean_reward"].append(everything.mean().item())
-        metrics["max_reward"].append(everything.max().item())
-        metrics["accuracy"].append(acc.gather_for_metrics((chosen > rejected).float().mean()).mean().item())
-        metrics["margin"].append(acc.gather_for_metrics((chosen - rejected).mean().detach()).mean().item())
-    if not return_outputs:
-        return loss
-    return loss, SequenceClassifierOutput(logits=rewards.detach()[:, None])
-
-
 def build_trainer(
     margs: ModelArguments, largs: LoraArguments, dargs: DataArguments, targs: TrainingArguments
 ) -> tuple[Any, Any]:
-    """Check the data, load the 4-bit model with LoRA, write provenance; returns (trainer, prepared data)."""
+    """Check the recipe and data, decide resume, write provenance, load the 4-bit model with LoRA; build qrm's trainer.
+
+    Args:
+        margs (`ModelArguments`): backbone, 4-bit and attention settings.
+        largs (`LoraArguments`): LoRA settings.
+        dargs (`DataArguments`): training and eval data.
+        targs (`TrainingArguments`): TRL's RewardConfig plus qrm's switches; precision, checkpointing and the
+            decided resume checkpoint (`qrm_resume_from`) are set on it.
+
+    Returns:
+        `tuple`: (`QrmRewardTrainer`, the prepared data with its report).
+    """
     from transformers import set_seed
 
-    from . import data as qdata
-    from .model import count_parameters, load_model
-
-    _setup_logging(targs)
+    _console(targs)
     set_seed(targs.seed)
-    fp32_trainables = margs.load_in_4bit and margs.bnb_4bit_compute_dtype == "float32"
-    if fp32_trainables and (targs.bf16 or targs.fp16):
-        # RewardConfig turns bf16 on by default; an fp32 compute dtype means fp32 throughout, and accelerate's
-        # autocast would otherwise also wrap the model's forward after training (end-of-training scores).
-        logger.info("bnb_4bit_compute_dtype=float32: training in fp32 (bf16/fp16 autocast off)")
-        targs.bf16 = targs.fp16 = False
-        targs.mixed_precision = "no"  # derived from bf16 in TrainingArguments.__post_init__
-    if margs.load_in_4bit and not fp32_trainables and not targs.bf16 and not targs.fp16:
-        # TRL casts LoRA and head weights to bf16 for 4-bit models; without autocast the head matmul mixes dtypes.
-        logger.info("4-bit backbone with %s compute: enabling bf16 autocast (bf16=True)", margs.bnb_4bit_compute_dtype)
-        targs.bf16 = True
-    from .distributed import check_launch, effective_launch
-
-    launch = effective_launch(targs)  # an FSDP config on CPU-only processes runs as DDP (warned once, unsharded)
-    fsdp = launch.sharding is not None
-    check_launch(margs, targs, launch)
-    # transformers 5 renamed gradient_checkpointing to activation_checkpointing and keeps the old name as an alias.
-    checkpointing = bool(targs.gradient_checkpointing or getattr(targs, "activation_checkpointing", False))
-
+    fsdp = _training_setup(margs, targs)
     # Everything that can be wrong with the recipe, the paths and the data fails here, before any weight is read
     # and before anything is written.
-    from .preflight import (
-        check_lora_targets,
-        check_model_source,
-        check_output_dir,
-        decide_output_dir,
-        load_tokenizer_or_explain,
-    )
+    tokenizer, prepared = _check_inputs(margs, largs, dargs, targs)
+    _decide_then_record(margs, largs, dargs, targs, prepared)
+    model = _load(margs, largs, targs, tokenizer, fsdp)
+    return _make_trainer(margs, targs, model, tokenizer, prepared), prepared
+
+
+def _training_setup(margs: ModelArguments, targs: TrainingArguments) -> bool:
+    """Precision, launch and checkpointing rules; returns whether parameters are sharded (FSDP)."""
+    from .distributed import check_launch, effective_launch
+    from .model import resolve_precision
+
+    note = resolve_precision(margs, targs)  # bf16/fp16 and mixed_precision (what accelerate autocasts) together
+    if note:
+        logger.info(note)
+    launch = effective_launch(targs)  # an FSDP config on CPU-only processes runs as DDP (warned once, unsharded)
+    check_launch(margs, targs, launch)
+    return launch.sharding is not None
+
+
+def _check_inputs(
+    margs: ModelArguments, largs: LoraArguments, dargs: DataArguments, targs: TrainingArguments
+) -> tuple[Any, Any]:
+    """Model source, output dir, LoRA targets, tokenizer and data, checked before anything is loaded or written."""
+    from . import data as qdata
+    from .preflight import check_lora_targets, check_model_source, check_output_dir, load_tokenizer_or_explain
 
     sources = getattr(targs, "qrm_sources", None)
     local_model = check_model_source(margs, sources)
@@ -139,23 +103,36 @@ def build_trainer(
         check_lora_targets(local_model, largs, sources, trust_remote_code=targs.trust_remote_code)
     tokenizer = load_tokenizer_or_explain(margs, targs, sources)
     prepared = qdata.prepare(dargs, tokenizer, targs.max_length)
-    if _is_main():
-        print(prepared.summary(), flush=True)
+    logger.info("%s", prepared.summary())
+    return tokenizer, prepared
 
-    out = Path(targs.output_dir)
+
+def _decide_then_record(
+    margs: ModelArguments, largs: LoraArguments, dargs: DataArguments, targs: TrainingArguments, prepared: Any
+) -> None:
+    """Resume, start afresh, replace (old run moved aside) or refuse, decided against this run's recipe and data
+    before the first file is written; then the provenance and data report go into output_dir."""
+    from .preflight import decide_output_dir
+
     resolved = to_dict(margs, largs, dargs, targs)
-    # Resume, start afresh, replace (old run moved aside) or refuse: decided before the first file is written.
-    targs.qrm_resume_from = decide_output_dir(targs, resolved, prepared.train, sources)
-    if _is_main():
-        write_provenance(
-            out,
-            resolved,
-            extra={"data": [r.as_dict() for r in prepared.reports]},
-            train_rows=prepared.train,
-            sources=[dargs.dataset, dargs.eval_dataset],
-        )
-        (out / "data_report.json").write_text(json.dumps([r.as_dict() for r in prepared.reports], indent=2) + "\n")
+    targs.qrm_resume_from = decide_output_dir(targs, resolved, prepared.train, getattr(targs, "qrm_sources", None))
+    if not _is_main():
+        return
+    out = Path(targs.output_dir)
+    reports = [r.as_dict() for r in prepared.reports]
+    write_provenance(
+        out, resolved, extra={"data": reports}, train_rows=prepared.train, sources=[dargs.dataset, dargs.eval_dataset]
+    )
+    (out / DATA_REPORT_FILE).write_text(json.dumps(reports, indent=2) + "\n")
 
+
+def _load(margs: ModelArguments, largs: LoraArguments, targs: TrainingArguments, tokenizer: Any, fsdp: bool) -> Any:
+    """The 4-bit model with LoRA (and ODIN's length head), as the trainer will train it."""
+    from . import odin
+    from .model import count_parameters, load_model
+    from .score import keep_training_matmul
+
+    checkpointing = bool(targs.activation_checkpointing)
     model = load_model(
         margs,
         largs,
@@ -164,56 +141,52 @@ def build_trainer(
         fsdp=fsdp,
         trust_remote_code=targs.trust_remote_code,
     )
-    from .score import keep_training_matmul
-
     keep_training_matmul(model)  # evals must not repack 4-bit weights with bf16 scales (AVX512-BF16 CPUs)
-    from . import odin
-
     odin.setup(model, targs, sharded=fsdp)  # length_debias: odin; before TRL casts and the optimizer sees weights
+    if checkpointing and margs.load_in_4bit and not fsdp:
+        # prepare_model_for_kbit_training already enabled checkpointing; the Trainer would enable it again with
+        # its own kwargs, so leave the switch to the model. TRL reads the old name, the Trainer the new one.
+        targs.activation_checkpointing = targs.gradient_checkpointing = False
     counts = count_parameters(model)
-    attn = model.config._attn_implementation if hasattr(model.config, "_attn_implementation") else "?"
     logger.info(
         "model %s: %s trainable / %s parameters, attention=%s, 4-bit=%s",
         margs.model_name_or_path,
         f"{counts['trainable']:,}",
         f"{counts['total']:,}",
-        attn,
+        getattr(model.config, "_attn_implementation", "?"),
         margs.load_in_4bit,
     )
-    if checkpointing and margs.load_in_4bit and not fsdp:
-        # prepare_model_for_kbit_training already enabled checkpointing; the Trainer would enable it again with
-        # its own kwargs, so leave the switch to the model.
-        targs.gradient_checkpointing = False
-        if hasattr(targs, "activation_checkpointing"):
-            targs.activation_checkpointing = False
+    return model
 
-    train_ds = qdata.to_dataset(prepared.train)
+
+def _make_trainer(margs: ModelArguments, targs: TrainingArguments, model: Any, tokenizer: Any, prepared: Any) -> Any:
+    """qrm's RewardTrainer on the prepared pairs, with qrm's collator; trainables in the dtype the recipe needs."""
+    from . import data as qdata
+    from . import odin
+    from .model import cast_trainables, trainable_dtype
+    from .trainer import QrmRewardTrainer
+
     eval_ds = qdata.to_dataset(prepared.eval) if prepared.eval else None
     if eval_ds is None and targs.eval_strategy != "no":
         logger.warning(
             "eval_strategy=%s but no eval data (set eval_dataset or eval_fraction): disabling", targs.eval_strategy
         )
         targs.eval_strategy = "no"
-    trainer = _trainer_class()(
+    # The recipe's max_length is recorded and the pairs fitted to it; TRL's own length filter would only re-check
+    # them (one dataset pass, one progress bar). `length` and `prompt_len` must reach the sampler and collators.
+    targs.max_length, targs.remove_unused_columns = None, False
+    trainer = QrmRewardTrainer(
         model=model,
         args=targs,
-        train_dataset=train_ds,
+        train_dataset=qdata.to_dataset(prepared.train),
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         data_collator=odin.with_response_lengths(_collator(model, targs), targs, tokenizer),
     )
-    if fp32_trainables:
-        # TRL casts trainable weights to bf16 for quantized models (trl/trainer/reward_trainer.py). With an fp32
-        # compute dtype (CPUs without bf16 units: bf16 matmuls measured 7x slower here) keep LoRA and head in fp32,
-        # so nothing needs autocast. The optimizer does not exist yet, so this is safe.
-        for p in trainer.model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-    # TRL filters pairs longer than max_length silently; ours are already fitted, so it must keep them all.
-    n_after = len(trainer.train_dataset)
-    if n_after != len(train_ds):
-        raise RuntimeError(f"RewardTrainer dropped {len(train_ds) - n_after} pairs after qrm fitted them to max_length")
-    return trainer, prepared
+    dtype = trainable_dtype(margs)
+    if dtype is not None:
+        cast_trainables(trainer.model, dtype)  # undo TRL's bf16 cast of LoRA and head; no optimizer exists yet
+    return trainer
 
 
 def _collator(model: Any, targs: TrainingArguments) -> Any:
@@ -247,7 +220,7 @@ def train(
     """Train a reward model as the recipe says and write everything into `targs.output_dir`; returns metrics."""
     from .distributed import score_pairs_across_ranks
     from .model import count_parameters
-    from .odin import quality_only
+    from .odin import quality_only, restore_length_head
     from .packing import restore_attention
 
     trainer, prepared = build_trainer(margs, largs, dargs, targs)
@@ -255,8 +228,10 @@ def train(
     out = Path(targs.output_dir)
     train_ds, eval_ds = trainer.train_dataset, trainer.eval_dataset
     counts = count_parameters(trainer.model)
+    resume = targs.qrm_resume_from  # decided (and logged) by build_trainer before anything was written
+    restore_length_head(trainer.model, resume)  # ODIN's head lives outside the adapter the Trainer restores
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=_resume_arg(targs))
+    result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.time() - t0
     restore_attention(trainer.model)  # the per-pair sdpa kernel is a training-time detail; save and score as sdpa
     quality_only(trainer.model)  # ODIN: reports, verify pairs and exports score the quality head alone
@@ -290,42 +265,40 @@ def train(
     save_adapter(trainer, out)  # a plain PEFT adapter dir, also under FSDP (sharded state dicts save nothing)
     if _is_main():
         tokenizer.save_pretrained(str(out))
-        (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2, sort_keys=True) + "\n")
+        write_metrics(out / METRICS_FILE, metrics)
         logger.info("saved adapter, score head, tokenizer and reports to %s", out)
         if "eval_accuracy" in metrics:
-            print(
-                f"held-out accuracy: {metrics['eval_accuracy']:.3f} on {metrics['eval_pairs']} pairs "
-                f"(mean margin {metrics['eval_mean_margin']:.3f}); training took {train_seconds:.0f}s",
-                flush=True,
+            logger.info(
+                "held-out accuracy: %.3f on %d pairs (mean margin %.3f); training took %.0fs",
+                metrics["eval_accuracy"],
+                metrics["eval_pairs"],
+                metrics["eval_mean_margin"],
+                train_seconds,
             )
     return metrics
 
 
-def _resume_arg(targs: TrainingArguments) -> Any:
-    """The checkpoint `resume` names (auto: the newest complete one in output_dir, damaged ones skipped with a
-    reason; never: None), refused with a RecipeError when it was trained with a recipe or data that differ."""
-    from .reliability import resume_checkpoint
+def write_metrics(path: str | os.PathLike, metrics: dict[str, Any]) -> None:
+    """Write `metrics` as JSON; a NaN or infinite number (nested dicts and lists too) becomes null, never 0.0.
 
-    # build_trainer decided before writing anything; only a caller that skipped it decides here.
-    path = targs.qrm_resume_from if hasattr(targs, "qrm_resume_from") else resume_checkpoint(targs)
-    if path is not None and _is_main() and not logger.isEnabledFor(logging.INFO):
-        # reliability logs this at INFO, which the Trainer's default (passive) log level hides; say it once anyway.
-        print(f"[qrm] resuming from {path}", flush=True)
-    return path
+    Args:
+        path (`str` or `os.PathLike`): the file to write (`metrics.json`).
+        metrics (`dict`): the metrics.
+    """
 
+    def finite(d: Any) -> Any:
+        if isinstance(d, dict):
+            return {k: finite(v) for k, v in d.items()}
+        if isinstance(d, (list, tuple)):
+            return [finite(v) for v in d]
+        return None if isinstance(d, float) and not math.isfinite(d) else d
 
-def _finite(d: Any) -> Any:
-    # JSON has no NaN; write null and keep the key, never a silent 0.0. Nested dicts and lists too.
-    if isinstance(d, dict):
-        return {k: _finite(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_finite(v) for v in d]
-    return None if isinstance(d, float) and not math.isfinite(d) else d
+    Path(path).write_text(json.dumps(finite(metrics), indent=2, sort_keys=True) + "\n")
 
 
 def _save_verify_pairs(out: Path, rows: list[dict], chosen: list[float], rejected: list[float]) -> None:
     """Held-out pairs and the trained model's rewards for them: exports are checked against these."""
-    with open(out / "verify_pairs.jsonl", "w") as f:
+    with open(out / VERIFY_PAIRS_FILE, "w") as f:
         for row, c, r in zip(rows, chosen, rejected, strict=False):
             rec = {k: row[k] for k in ("prompt", "chosen", "rejected")}
             rec.update(chosen_reward=c, rejected_reward=r)
@@ -334,7 +307,8 @@ def _save_verify_pairs(out: Path, rows: list[dict], chosen: list[float], rejecte
 
 def _eval_report(out: Path | None, rows: list[dict], chosen: list[float], rejected: list[float]) -> dict[str, Any]:
     """Pair metrics of the end-of-training evaluation; with `out`, also the report `qrm eval` writes."""
-    from .evaluate import pair_metrics, write_report
+    from .evaluate import pair_metrics
+    from .report import write_report
 
     clen = [len(r["chosen_ids"]) - r["prompt_len"] for r in rows]
     rlen = [len(r["rejected_ids"]) - r["prompt_len"] for r in rows]
@@ -352,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     from .config import RecipeError, parse_recipe
     from .data import DataError
-    from .reliability import NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteError, Preempted
+    from .resume import NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteError, Preempted
 
     try:
         margs, largs, dargs, targs = parse_recipe(argv)

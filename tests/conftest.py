@@ -37,7 +37,7 @@ def hh_rows(n: int, path: Path = HH_TRAIN) -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random Llama with a BPE tokenizer trained on HH-RLHF text."""
-    from qrm.tiny import build_tiny_llama
+    from benchmarks.tiny import build_tiny_llama
 
     texts = [r["chosen"] for r in hh_rows(400)]
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), texts)

@@ -1,4 +1,4 @@
-"""qrm bench: token accounting by hand, the FLOPs formula, one tiny end-to-end run (JSON, table) and both sides'
+"""benchmarks/trl_vs_qrm.py: token accounting by hand, the FLOPs formula, one tiny end-to-end run (JSON, table) and both sides'
 collators. No timing is asserted: only that the numbers exist, are positive and count what they say."""
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from qrm import bench
+from benchmarks import trl_vs_qrm as bench
+from benchmarks import trl_vs_qrm_results as results
+from benchmarks import trl_vs_qrm_trial as trial
 
 ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT / "data" / "hh-rlhf-helpful" / "helpful-base.train.jsonl"
@@ -33,7 +35,7 @@ def _spec(side: str, model: Path, out: Path, batch: int, steps: int, warmup: int
 def test_counting_collator_counts_trl_padding_by_hand() -> None:
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
-    counter = bench.CountingCollator(DataCollatorForPreference(pad_token_id=0))
+    counter = trial.CountingCollator(DataCollatorForPreference(pad_token_id=0))
     rows = [
         {"chosen_ids": [1, 2, 3, 4], "rejected_ids": [1, 2, 5], "prompt_len": 2},
         {"chosen_ids": [6, 7], "rejected_ids": [6, 8], "prompt_len": 1},
@@ -42,7 +44,7 @@ def test_counting_collator_counts_trl_padding_by_hand() -> None:
     # chosen, chosen, rejected, rejected, each padded to the longest (4): 16 tokens computed
     assert batch["input_ids"].shape == (4, 4)
     assert (counter.calls, counter.tokens, counter.shapes) == (1, 16, [[4, 4]])
-    unique = sum(bench.unique_tokens(r) for r in rows)
+    unique = sum(trial.unique_tokens(r) for r in rows)
     assert unique == (4 + 3 - 2) + (2 + 2 - 1) == 8
     assert counter.tokens / unique == 2.0
     assert counter.pad_token_id == 0  # attributes come from the wrapped collator
@@ -51,19 +53,19 @@ def test_counting_collator_counts_trl_padding_by_hand() -> None:
 
 
 def test_flops_per_token_and_peak_table(tiny_llama: Path) -> None:
-    shape = bench.model_flops(str(tiny_llama), lora_r=16, lora_targets=["all-linear"])
+    shape = trial.model_flops(str(tiny_llama), lora_r=16, lora_targets=["all-linear"])
     # the fixture: hidden 64, 2 layers, 4 heads of 16, 2 KV heads, MLP 128
     per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128
     lora = 16 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 128))
     assert shape["n_linear"] == 2 * per_layer and shape["n_lora"] == 2 * lora
     assert (shape["layers"], shape["d_attn"]) == (2, 64)
-    assert bench.flops_per_token(shape, 100) == 4 * 2 * per_layer + 6 * 2 * lora + 3 * 2 * 64 * 100
-    only_q = bench.model_flops(str(tiny_llama), lora_r=8, lora_targets=["q_proj"])
+    assert trial.flops_per_token(shape, 100) == 4 * 2 * per_layer + 6 * 2 * lora + 3 * 2 * 64 * 100
+    only_q = trial.model_flops(str(tiny_llama), lora_r=8, lora_targets=["q_proj"])
     assert only_q["n_lora"] == 2 * 8 * (64 + 64)
-    assert bench.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert bench.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
-    assert bench.peak_bf16_flops("NVIDIA H200") == 989e12
-    assert bench.peak_bf16_flops("AMD EPYC") is None
+    assert trial.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert trial.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert trial.peak_bf16_flops("NVIDIA H200") == 989e12
+    assert trial.peak_bf16_flops("AMD EPYC") is None
 
 
 def test_synthetic_profile_lengths(minilm_tokenizer, tmp_path: Path) -> None:
@@ -81,7 +83,7 @@ def test_synthetic_profile_lengths(minilm_tokenizer, tmp_path: Path) -> None:
 
 def test_trl_side_computes_padding_by_hand(tiny_llama: Path, tmp_path: Path) -> None:
     # One batch of all 3 pairs: TRL computes 2 x 3 rows of the longest sequence.
-    res = bench.run_trial(_spec("trl", tiny_llama, tmp_path / "trl", batch=3, steps=1, warmup=0))
+    res = trial.run_trial(_spec("trl", tiny_llama, tmp_path / "trl", batch=3, steps=1, warmup=0))
     from qrm.config import parse_recipe
     from qrm.data import prepare
     from qrm.model import load_tokenizer
@@ -91,7 +93,7 @@ def test_trl_side_computes_padding_by_hand(tiny_llama: Path, tmp_path: Path) -> 
     longest = max(len(r[k]) for r in rows for k in ("chosen_ids", "rejected_ids"))
     assert res["collator"] == "DataCollatorForPreference"
     assert res["batch_shapes"] == [[6, longest]] and res["computed_tokens"] == 6 * longest
-    assert res["real_tokens"] == sum(bench.unique_tokens(r) for r in rows)
+    assert res["real_tokens"] == sum(trial.unique_tokens(r) for r in rows)
     assert res["computed_per_unique"] >= 1.0
     assert res["pairs"] == 3 and res["seconds"] > 0 and res["peak_memory_mib"] > 0
 
@@ -101,9 +103,9 @@ def test_qrm_side_counts_the_qrm_collator(tiny_llama: Path, tmp_path: Path) -> N
     from qrm.train import build_trainer
 
     spec = _spec("qrm", tiny_llama, tmp_path / "qrm", batch=2, steps=2, warmup=0)
-    trainer, rows = bench.build_side(spec)
+    trainer, rows = trial.build_side(spec)
     counter = trainer.data_collator
-    assert isinstance(counter, bench.CountingCollator)
+    assert isinstance(counter, trial.CountingCollator)
     ref = _spec("qrm", tiny_llama, tmp_path / "ref", batch=2, steps=2, warmup=0)["flags"]
     reference, _ = build_trainer(*parse_recipe([*ref, "--train_sampling_strategy", "group_by_length"]))
     assert type(counter.inner) is type(reference.data_collator)  # whatever qrm's recipe defaults give
@@ -115,9 +117,9 @@ def test_qrm_side_counts_the_qrm_collator(tiny_llama: Path, tmp_path: Path) -> N
 def test_no4bit_side_loads_an_unquantized_base(tiny_llama: Path, tmp_path: Path) -> None:
     import torch
 
-    trainer, rows = bench.build_side(_spec(bench.NO4BIT, tiny_llama, tmp_path / "lora", batch=2, steps=1, warmup=0))
+    trainer, rows = trial.build_side(_spec(trial.NO4BIT, tiny_llama, tmp_path / "lora", batch=2, steps=1, warmup=0))
     names = {type(m).__name__ for m in trainer.model.modules()}
-    assert "Linear4bit" not in names and isinstance(trainer.data_collator, bench.CountingCollator)
+    assert "Linear4bit" not in names and isinstance(trainer.data_collator, trial.CountingCollator)
     # on CPU the compute dtype is fp32, so the 16-bit mode keeps fp32 weights (bf16 only with --device cuda)
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float32} and len(rows) == 2
 
@@ -129,8 +131,7 @@ def test_end_to_end_writes_json_and_table(tiny_llama: Path, tmp_path: Path) -> N
     cmd = [
         sys.executable,
         "-m",
-        "qrm.cli",
-        "bench",
+        "benchmarks.trl_vs_qrm",
         "--backbone",
         str(tiny_llama),
         "--profile",
@@ -144,11 +145,12 @@ def test_end_to_end_writes_json_and_table(tiny_llama: Path, tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     files = sorted(out.glob("*.json"))
-    slug = bench._slug(tiny_llama.name)
-    assert [f.name for f in files] == [f"{bench.device_slug('cpu', bench.machine_info(None))}-{slug}-hh.json"]
+    slug = results.slug(tiny_llama.name)
+    assert [f.name for f in files] == [f"{results.device_slug('cpu', results.machine_info(None))}-{slug}-hh.json"]
     rec = json.loads(files[0].read_text())
     assert {"machine", "settings", "backbone", "profile", "trials", "summary", "warnings"} <= set(rec)
     assert rec["benchmark"] == "qrm-vs-trl" and rec["settings"]["torch_threads"] == 1
+    assert rec["command"].startswith("python -m benchmarks.trl_vs_qrm --backbone")
     assert rec["machine"]["cores"] > 0 and rec["machine"]["cpu"] and rec["machine"]["versions"]["trl"]
     assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(rec["machine"]["versions"])
     s = rec["settings"]

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import DATA, HH_TRAIN, hh_rows, write_jsonl
+from conftest import DATA, HH_TRAIN, ROOT, hh_rows, write_jsonl
 
 from qrm.config import DataArguments
 from qrm.data import DataError, DataReport, build_pairs, load_rows, prepare, split_implicit, tokenize_pairs
@@ -283,3 +283,31 @@ def test_eval_fraction_that_leaves_no_training_pair(tmp_path, minilm_tokenizer):
     path = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
     with pytest.raises(DataError, match="leaves no training pair"):
         prepare(DataArguments(dataset=str(path), eval_fraction=0.5), minilm_tokenizer, 64)
+
+
+def test_demo_recipe_data_prep_prints_no_sequence_length_warning(monkeypatch):
+    """`qrm train` on the demo MiniLM recipe: HH prompts run past MiniLM's 512 positions before qrm cuts them to
+    max_length, and transformers' "longer than the specified maximum sequence length" warning must not show."""
+    import logging
+
+    from qrm.config import parse_recipe
+    from qrm.model import load_tokenizer
+
+    monkeypatch.chdir(ROOT)  # the recipe names its data relative to the checkout
+    margs, _, dargs, targs = parse_recipe(["--recipe", str(ROOT / "recipes" / "demo" / "minilm_hh_helpful.yaml")])
+    tok = load_tokenizer(margs)  # a fresh tokenizer: transformers warns once per instance
+    # transformers' loggers print through their own handler, not the root logger: listen where they print.
+    seen: list[str] = []
+    listener = logging.Handler()
+    listener.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(listener)
+    try:
+        prepared = prepare(dargs, tok, targs.max_length)
+        assert prepared.reports[0].truncated_prompts > 0  # prompts longer than max_length were there, and were cut
+        assert max(len(r["chosen_ids"]) for r in prepared.train) <= targs.max_length
+        assert not [m for m in seen if "maximum sequence length" in m]
+        # The same tokenizer, called plainly on one long prompt, does warn: the check above can see the warning.
+        tok(prepared.train[0]["prompt"] * 40)
+        assert [m for m in seen if "maximum sequence length" in m]
+    finally:
+        logging.getLogger("transformers").removeHandler(listener)

@@ -12,15 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import MINILM, hh_rows, write_jsonl
 
-from qrm.export import (
-    DEFAULT_MIN_AGREEMENT,
-    ExportError,
-    VerificationError,
-    _verification_report,
-    merge,
-    merge_main,
-    score_main,
-)
+from qrm.export import DEFAULT_MIN_AGREEMENT, ExportError, VerificationError, merge
+from qrm.export import main as merge_main
+from qrm.score import main as score_main
+from qrm.verify import verification_report
 
 ROOT = Path(__file__).resolve().parents[1]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -298,8 +293,8 @@ def test_adapter_only_export_loads_with_plain_peft(adapter: Path, short_rows: li
     card = (out / "README.md").read_text()
     assert "PeftModel.from_pretrained" in card and "llm_int8_skip_modules=['score']" in card
     # The card's recipe, followed outside qrm's loader, reproduces what training stored.
-    from qrm.export import load_adapter_plain
     from qrm.score import score_ids
+    from qrm.verify import load_adapter_plain
 
     model, tok = load_adapter_plain(out)
     rows = short_rows
@@ -377,7 +372,7 @@ def test_verification_report_fails_on_flips_and_missing_keys() -> None:
         "token_id_mismatches": 0,
         "load_report": {"missing_keys": ["score.weight"]},
     }
-    r = _verification_report("exact", "bfloat16", "x", "ref", [1.0, 0.4, 0.5], [0.0, 0.3, 0.6], None, child, 1.0)
+    r = verification_report("exact", "bfloat16", "x", "ref", [1.0, 0.4, 0.5], [0.0, 0.3, 0.6], None, child, 1.0)
     assert r["pairwise_agreement"] == pytest.approx(2 / 3)
     assert r["flipped_pairs"] == [
         {"pair": 1, "reference_margin": pytest.approx(0.1), "export_margin": pytest.approx(-0.1)}

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_hub import FakeHub
 
-from qrm.hub import model_card
+from qrm.card import model_card
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,7 +152,9 @@ def test_push_adapter_is_one_commit_with_exact_files_and_bytes(adapter_dir: Path
     # The card was generated in memory: the dir is left as it was.
     assert not (adapter_dir / "README.md").exists()
     card = commit.files["README.md"].decode()
-    assert BASE in card and "eval_accuracy" in card and "AutoPeftModelForSequenceClassification" in card
+    assert BASE in card and "eval_accuracy" in card and "PeftModel.from_pretrained(base, adapter)" in card
+    # The adapter's tokenizer (qrm may have added a pad token) sizes the base's embeddings before PEFT loads.
+    assert "AutoTokenizer.from_pretrained(adapter)" in card and "base.resize_token_embeddings(len(tokenizer))" in card
     for skipped in SKIPPED:
         assert f"skip  {skipped}:" in res.stdout
     assert "skip  extra.pt: refused: pickle" in res.stdout

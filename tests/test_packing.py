@@ -148,7 +148,7 @@ def test_every_backbone_packs_exactly(backbone: Path, tmp_path: Path) -> None:
     equal the padded ones in fp32."""
     from transformers import AutoConfig
 
-    from qrm.tiny import build_tiny_model
+    from benchmarks.tiny import build_tiny_model
 
     texts = [r["chosen"] for r in hh_rows(200)]
     path = build_tiny_model(tmp_path / "m", AutoConfig.from_pretrained(backbone), texts)
@@ -303,7 +303,7 @@ def test_packed_loss_equals_trl_loss_with_margin_and_centering(tiny_llama, hh_sm
 
 
 def test_switching_packing_does_not_block_resume() -> None:
-    from qrm.reliability import recipe_changes
+    from qrm.resume import recipe_changes
 
     assert recipe_changes({"packing": True, "prefix_sharing": True}, {"packing": False, "prefix_sharing": False}) == []
     assert [c[0] for c in recipe_changes({"learning_rate": 1e-4}, {"learning_rate": 2e-4})] == ["learning_rate"]

@@ -106,6 +106,29 @@ def test_eager_attention_grows_with_length_squared() -> None:
     assert act[("eager", 4096)] > 6 * act[("eager", 1024)]
 
 
+def test_attention_is_what_training_picks_on_the_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """plan uses training's rule (qrm.model.choose_attention on CUDA): `auto` is flash_attention_2 where flash-attn
+    is installed, sdpa where it is not; a recipe's explicit choice (Gemma-2: eager) is kept either way."""
+    import importlib.util
+
+    from qrm.plan import plan
+
+    gemma = ROOT / "recipes" / "gemma-2-9b" / "hh_rlhf_qlora.yaml"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else find_spec(name, *a)
+    )
+    sdpa = plan(LLAMA_8B)
+    assert (sdpa["attention"], plan(gemma)["attention"]) == ("sdpa", "eager")
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else find_spec(name, *a)
+    )
+    flash = plan(LLAMA_8B)
+    assert (flash["attention"], plan(gemma)["attention"]) == ("flash_attention_2", "eager")
+    # flash-attn keeps q, k, v and the output, no k/v repeated per query head (8 kv heads of 32): less memory
+    assert flash["memory_gb"]["activations"] < sdpa["memory_gb"]["activations"]
+
+
 def test_tokens_per_step() -> None:
     from qrm.plan import plan
 

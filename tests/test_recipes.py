@@ -101,15 +101,24 @@ LAUNCHED = [p for p in RECIPES if RUN.match(p.read_text().splitlines()[0])["conf
 
 @pytest.mark.parametrize("path", LAUNCHED, ids=_ids(LAUNCHED))
 def test_recipe_runs_under_its_launcher(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The accelerate config named on the first line and the recipe agree (check_launch passes)."""
+    """The accelerate config named on the first line and the recipe agree: an FSDP config shards the packed 4-bit
+    weights in the recipe's storage dtype (and would refuse uint8 storage), a single-GPU config shards nothing."""
     from qrm.config import parse_recipe
-    from qrm.distributed import check_launch, launch_env
+    from qrm.distributed import LaunchError, check_launch, detect_launch, launch_env
 
     m = RUN.match(path.read_text().splitlines()[0])
     margs, _, _, targs = parse_recipe(["--recipe", str(path)])
     for key, value in launch_env(ROOT / m["config"]).items():
         monkeypatch.setenv(key, value)
     check_launch(margs, targs)
+    launch = detect_launch(targs)
+    if "fsdp" in m["config"]:
+        assert (launch.sharding, launch.param_dtype) == ("fsdp", margs.bnb_4bit_quant_storage)
+        margs.bnb_4bit_quant_storage = "uint8"
+        with pytest.raises(LaunchError, match="bnb_4bit_quant_storage=uint8"):
+            check_launch(margs, targs)
+    else:
+        assert launch.sharding is None, f"{m['config']} shards parameters ({launch.name})"
 
 
 def test_backbone_dirs_have_a_config() -> None:
@@ -159,8 +168,8 @@ def test_recipe_trains_two_steps_shrunk(recipe: Path, tmp_path: Path) -> None:
 
     from transformers import AutoConfig
 
+    from benchmarks.tiny import build_tiny_model
     from qrm.config import parse_recipe
-    from qrm.tiny import build_tiny_model
     from qrm.train import train
 
     data = _pairs(tmp_path / "pairs.jsonl")

@@ -16,7 +16,8 @@ from transformers import TrainerCallback
 
 import qrm.train as qtrain
 from qrm.config import parse_recipe
-from qrm.reliability import NonFiniteError, ReliabilityMixin, last_good_checkpoint
+from qrm.resume import NonFiniteError, last_good_checkpoint
+from qrm.trainer import QrmRewardTrainer
 
 TOKEN = "hf_FAKEFAKEFAKEFAKEFAKEFAKEFAKEFAKE12"
 
@@ -26,15 +27,10 @@ def hh_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("d") / "hh.jsonl", hh_rows(48))
 
 
-@pytest.fixture
-def reliable() -> None:
-    """qrm's trainer carries the reliability mixin."""
-    assert issubclass(qtrain._trainer_class(), ReliabilityMixin)
-
-
 def _build(model: Path, out: Path, data: Path, *extra: str) -> Any:
     args = parse_recipe(_recipe(model, out, data, "--max_steps", "4", "--bnb_4bit_compute_dtype", "float32", *extra))
     trainer, _ = qtrain.build_trainer(*args)
+    assert isinstance(trainer, QrmRewardTrainer), type(trainer)
     return trainer
 
 
@@ -64,7 +60,7 @@ class _Snap(TrainerCallback):
             self.weights = _trainable(self.trainer)
 
 
-def test_nan_stops_before_optimizer_step_and_keeps_last_good_checkpoint(reliable, tiny_llama, hh_small, tmp_path):
+def test_nan_stops_before_optimizer_step_and_keeps_last_good_checkpoint(tiny_llama, hh_small, tmp_path):
     out = tmp_path / "o"
     trainer = _build(tiny_llama, out, hh_small, "--save_strategy", "steps", "--save_steps", "2")
     _poison(trainer, 3)
@@ -79,7 +75,7 @@ def test_nan_stops_before_optimizer_step_and_keeps_last_good_checkpoint(reliable
     assert not list(out.glob("tmp-checkpoint-*")), "staging dir left behind"
 
 
-def test_skip_mode_counts_and_logs_nan_not_zero(reliable, tiny_llama, hh_small, tmp_path):
+def test_skip_mode_counts_and_logs_nan_not_zero(tiny_llama, hh_small, tmp_path):
     trainer = _build(tiny_llama, tmp_path / "o", hh_small)
     trainer.nonfinite_guard.skip = True
     _poison(trainer, 2)
@@ -106,7 +102,7 @@ def test_skip_mode_counts_and_logs_nan_not_zero(reliable, tiny_llama, hh_small, 
 
 
 def test_atomic_checkpoints_no_token_and_damaged_newest_is_skipped(
-    reliable, tiny_llama, hh_small, tmp_path, monkeypatch, caplog
+    tiny_llama, hh_small, tmp_path, monkeypatch, caplog
 ):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     out = tmp_path / "o"
@@ -145,7 +141,7 @@ def test_atomic_checkpoints_no_token_and_damaged_newest_is_skipped(
 
 
 def test_no_secret_in_any_byte_no_pickle_and_no_remote_code(
-    reliable, tiny_llama, hh_small, tmp_path, monkeypatch, capfd
+    tiny_llama, hh_small, tmp_path, monkeypatch, capfd
 ):
     """A full run (checkpoints, per-step logging and evaluation, final reports) with a token in HF_TOKEN, another
     in the login file and a third as `hub_token` in the recipe: none reaches any file under output_dir or the log."""
@@ -193,6 +189,9 @@ def test_no_secret_in_any_byte_no_pickle_and_no_remote_code(
     assert all(flag is False for _, flag in remote_code), remote_code
 
 
-def test_finite_nulls_nested_nan_and_inf() -> None:
+def test_metrics_file_nulls_nested_nan_and_inf(tmp_path: Path) -> None:
     nested = {"a": math.nan, "b": {"c": math.inf, "d": [1.0, -math.inf]}, "e": 2, "f": "x"}
-    assert qtrain._finite(nested) == {"a": None, "b": {"c": None, "d": [1.0, None]}, "e": 2, "f": "x"}
+    qtrain.write_metrics(tmp_path / "metrics.json", nested)
+    text = (tmp_path / "metrics.json").read_text()
+    assert json.loads(text) == {"a": None, "b": {"c": None, "d": [1.0, None]}, "e": 2, "f": "x"}
+    assert "NaN" not in text and "Infinity" not in text

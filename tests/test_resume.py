@@ -25,13 +25,8 @@ from test_train import ENV, _recipe
 
 import qrm.train as qtrain
 from qrm.config import RecipeError, data_fingerprint
-from qrm.reliability import (
-    PREEMPTED_EXIT,
-    SeededLengthGroupedSampler,
-    checkpoint_problem,
-    recipe_changes,
-    resume_checkpoint,
-)
+from qrm.resume import PREEMPTED_EXIT, checkpoint_problem, recipe_changes, resume_checkpoint
+from qrm.trainer import SeededLengthGroupedSampler
 
 DROPOUT = ("--disable_dropout", "false", "--lora_dropout", "0.1")  # TRL turns dropout off by default; RNG must matter
 # 6 steps over two epochs; a checkpoint every 2 steps.
@@ -117,7 +112,7 @@ def reference_b(tiny_llama: Path, pairs16: Path, tmp_path_factory: pytest.TempPa
     out = tmp_path_factory.mktemp("ref-b") / "o"
     rc, trainer = _main_in_process(_args(tiny_llama, out, pairs16, *RECIPE_B))
     assert rc == 0
-    assert isinstance(trainer._qrm_sampler, SeededLengthGroupedSampler), "length-grouped sampling not in use"
+    assert isinstance(trainer.seeded_sampler, SeededLengthGroupedSampler), "length-grouped sampling not in use"
     return out
 
 
@@ -223,7 +218,7 @@ def test_resume_refuses_changed_recipe_or_data_unless_forced(tiny_llama, pairs16
     err = capsys.readouterr().err
     assert rc == 2
     assert "checkpoint-2 was trained with learning_rate=0.005, this recipe says 0.002" in err, err
-    assert "learning_rate: 0.005" in (out / "qrm_recipe.yaml").read_text(), "output_dir provenance not restored"
+    assert "learning_rate: 0.005" in (out / "qrm_recipe.yaml").read_text(), "a refused resume changed output_dir's provenance"
 
     write_jsonl(data, hh_rows(17)[1:])  # same path and recipe, different pairs
     rc, _ = _main_in_process([*base, "--max_steps", "4"])

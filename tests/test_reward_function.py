@@ -14,7 +14,8 @@ from conftest import HH_TEST, hh_rows, write_jsonl
 
 import qrm
 from qrm import RewardModel
-from qrm.export import plain_chat_template, score_main
+from qrm.export_tokenizer import plain_chat_template
+from qrm.score import main as score_main
 
 PLAIN_PROMPTS = ["\n\nHuman: What is 2 + 2?\n\nAssistant:", "\n\nHuman: Name a colour.\n\nAssistant:"]
 CHAT_PROMPTS = [

@@ -184,3 +184,16 @@ def test_learns_real_preferences_above_chance(tmp_path):
     n, acc = metrics["eval_pairs"], metrics["eval_accuracy"]
     # One-sided 99 % bound under chance for n ~ 500 pairs is ~0.55.
     assert n > 400 and acc > 0.5 + 2.33 * (0.25 / n) ** 0.5, metrics
+
+
+def test_bf16_off_with_bf16_compute_turns_autocast_on(tiny_llama, hh_small, tmp_path):
+    """A 4-bit recipe with `bf16: false` and a bf16 compute dtype trains under bf16 autocast (TRL casts LoRA and head
+    to bf16): the Trainer hands accelerate `mixed_precision`, so setting the bf16 flag alone would leave it off."""
+    argv = _recipe(tiny_llama, tmp_path / "o", hh_small, "--max_steps", "1", "--bnb_4bit_compute_dtype", "bfloat16")
+    trainer, _ = build_trainer(*parse_recipe([*argv, "--bf16", "false"]))
+    assert trainer.accelerator.mixed_precision == "bf16"
+    autocast: list[bool] = []
+    head = next(m for n, m in trainer.model.named_modules() if n.endswith("score"))
+    head.register_forward_pre_hook(lambda _m, _a: autocast.append(torch.is_autocast_enabled("cpu")))
+    trainer.train()
+    assert autocast and all(autocast), autocast

@@ -86,7 +86,7 @@ def llama_export(tmp_path_factory: pytest.TempPathFactory) -> dict:
     vLLM's CPU attention supports head_dim 32 and up, not the 16 of the shared `tiny_llama` fixture."""
     from transformers import LlamaConfig
 
-    from qrm.tiny import build_tiny_model
+    from benchmarks.tiny import build_tiny_model
 
     tmp = tmp_path_factory.mktemp("vllm-llama")
     base = build_tiny_model(tmp / "base", LlamaConfig(), [r["chosen"] for r in hh_rows(400)], hidden=128)

@@ -147,15 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         pairs = load_pairs(tok, args.batch * args.batches, args.max_length)
         dev = next(p.device for p in model.parameters())
         trl = DataCollatorForPreference(pad_token_id=tok.pad_token_id)
-        padded = [
-            {k: v.to(dev) for k, v in trl(pairs[i : i + args.batch]).items()} for i in range(0, len(pairs), args.batch)
-        ]
+        padded = _batches(trl, pairs, args.batch, dev)
         use_pair_blocks(model)  # as qrm train does; padded batches still run plain sdpa
         shared = PairPackingCollator(prefix_sharing=True)
-        packed = [
-            {k: v.to(dev) for k, v in shared(pairs[i : i + args.batch]).items()}
-            for i in range(0, len(pairs), args.batch)
-        ]
+        packed = _batches(shared, pairs, args.batch, dev)
         trl_side = run_side(model, padded, False, autocast, sync)
         qrm_side = run_side(model, packed, True, autocast, sync)
         timed_pairs = args.batch * (args.batches - 1)
@@ -177,18 +172,26 @@ def main(argv: list[str] | None = None) -> int:
             del model
             model, _ = build_model(model_dir, compute, "flash_attention_2")
         plain = PairPackingCollator(prefix_sharing=False)
-        varlen = [
-            {k: v.to(dev) for k, v in plain(pairs[i : i + args.batch]).items()}
-            for i in range(0, len(pairs), args.batch)
-        ]
+        varlen = _batches(plain, pairs, args.batch, dev)
         flash_side = run_side(model, varlen, True, autocast, sync)
         flash.update(compare(flash_side["first"], trl_side["first"]))
         flash["pairs_per_s"] = timed_pairs / flash_side["seconds"]
         res["varlen_packing_vs_trl_padded"] = flash
     res["versions"] = library_versions()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    _write(res, device, args.out_dir)
+    return 0
+
+
+def _batches(collate: Any, pairs: list[dict], batch: int, dev: Any) -> list[dict[str, Any]]:
+    """`pairs` collated `batch` at a time, on `dev`."""
+    return [{k: v.to(dev) for k, v in collate(pairs[i : i + batch]).items()} for i in range(0, len(pairs), batch)]
+
+
+def _write(res: dict[str, Any], device: str, out_dir: Path) -> None:
+    """Write <out_dir>/gpu-parity-<device>.json and print its two comparisons."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in device.lower())
-    path = args.out_dir / f"gpu-parity-{slug}.json"
+    path = out_dir / f"gpu-parity-{slug}.json"
     path.write_text(json.dumps(res, indent=2) + "\n")
     p, f = res["packed_prefix_shared_vs_trl_padded"], res["varlen_packing_vs_trl_padded"]
     print(
@@ -198,7 +201,6 @@ def main(argv: list[str] | None = None) -> int:
         f"diff {f['reward_rel_diff']:.2e}, grad rel diff {f['grad_max_rel_diff']:.2e}\nwrote {path}",
         flush=True,
     )
-    return 0
 
 
 if __name__ == "__main__":
