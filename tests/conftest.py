@@ -80,3 +80,23 @@ def rm_export(rm_adapter: Path) -> dict:
     from qrm.export import merge
 
     return merge(rm_adapter, rm_adapter.parent / "exact-fp32", method="exact", dtype="float32")
+
+
+def tiny_run_flags(model: str | Path, out: Path, data: Path, *extra: str, max_length: int = 192) -> list[str]:
+    """Recipe flags for a short test run on a tiny model: small LoRA, high learning rate, log every step, no
+    checkpoints. `extra` flags come last and win."""
+    return [
+        "--model_name_or_path", str(model),
+        "--dataset", str(data),
+        "--output_dir", str(out),
+        "--max_length", str(max_length),
+        "--per_device_train_batch_size", "4",
+        "--learning_rate", "5.0e-3",
+        "--lora_r", "4",
+        "--lora_alpha", "8",
+        "--logging_steps", "1",
+        "--save_strategy", "no",
+        "--report_to", "none",
+        "--seed", "0",
+        *extra,
+    ]  # fmt: skip

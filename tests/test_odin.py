@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import hh_rows, write_jsonl
+from conftest import hh_rows, tiny_run_flags, write_jsonl
 
 from qrm.config import parse_recipe
 from qrm.odin import LENGTH_HEAD_FILE, length_head, length_reward, odin_objective, pearson
@@ -19,22 +19,7 @@ from qrm.train import build_trainer, train
 
 
 def _recipe(model: str | Path, out: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path", str(model),
-        "--dataset", str(data),
-        "--output_dir", str(out),
-        "--max_length", "160",
-        "--per_device_train_batch_size", "4",
-        "--learning_rate", "5.0e-3",
-        "--lora_r", "4",
-        "--lora_alpha", "8",
-        "--logging_steps", "1",
-        "--save_strategy", "no",
-        "--report_to", "none",
-        "--seed", "0",
-        "--bnb_4bit_compute_dtype", "float32",
-        *extra,
-    ]  # fmt: skip
+    return tiny_run_flags(model, out, data, "--bnb_4bit_compute_dtype", "float32", *extra, max_length=160)
 
 
 def test_objective_equals_hand_computation() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HH_TEST, HH_TRAIN, MINILM, ROOT, hh_rows, write_jsonl
+from conftest import HH_TEST, HH_TRAIN, MINILM, ROOT, hh_rows, tiny_run_flags, write_jsonl
 
 from qrm.config import parse_recipe
 from qrm.train import build_trainer, train
@@ -19,22 +19,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 
 
 def _recipe(model: str | Path, out: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path", str(model),
-        "--dataset", str(data),
-        "--output_dir", str(out),
-        "--max_length", "192",
-        "--per_device_train_batch_size", "4",
-        "--per_device_eval_batch_size", "8",
-        "--learning_rate", "5.0e-3",
-        "--lora_r", "4",
-        "--lora_alpha", "8",
-        "--logging_steps", "1",
-        "--save_strategy", "no",
-        "--report_to", "none",
-        "--seed", "0",
-        *extra,
-    ]  # fmt: skip
+    return tiny_run_flags(model, out, data, "--per_device_eval_batch_size", "8", *extra)
 
 
 @pytest.fixture(scope="module")
