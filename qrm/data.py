@@ -212,9 +212,17 @@ def render_messages(messages: list[dict[str, str]], tokenizer: Any, add_generati
     return text + (HH_ASSISTANT if add_generation_prompt else "")
 
 
-def _conversation_pair(
+def conversation_pair(
     prompt: list[dict[str, str]], chosen: list[dict[str, str]], rejected: list[dict[str, str]], tokenizer: Any
 ) -> tuple[str, str, str]:
+    """Render a conversational pair as training sees it: (prompt text with the generation prompt, chosen text,
+    rejected text), each response being what the full conversation adds after the prompt.
+
+    Args:
+        prompt (`list[dict]`): the earlier turns (`role`, `content`).
+        chosen (`list[dict]`): the chosen assistant turn(s).
+        rejected (`list[dict]`): the rejected assistant turn(s).
+        tokenizer (`PreTrainedTokenizerBase`): its chat template, or qrm's plain HH layout when it has none."""
     prompt_text = render_messages(prompt, tokenizer, add_generation_prompt=True)
     out = []
     for resp in (chosen, rejected):
@@ -356,7 +364,7 @@ def _conversational_pair(
     for col, resp in ((args.chosen_column, chosen), (args.rejected_column, rejected)):
         if resp[0]["role"] != "assistant":
             raise DataError(f"{where}: row {i}: field {col!r} must start with an assistant message")
-    p, c, r = _conversation_pair(prompt, chosen, rejected, tokenizer)
+    p, c, r = conversation_pair(prompt, chosen, rejected, tokenizer)
     return {"prompt": p, "chosen": c, "rejected": r}
 
 

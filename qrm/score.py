@@ -365,7 +365,7 @@ def render_pair(tokenizer: Any, prompt: str | Messages, response: str | Messages
 
     Returns:
         `tuple[str, str]`: the prompt rendered with the generation prompt, and the rest of the conversation."""
-    from .data import PLAIN_ROLE_NAMES, _conversation_pair
+    from .data import PLAIN_ROLE_NAMES, conversation_pair
 
     if isinstance(prompt, str) and isinstance(response, str):
         return prompt, response
@@ -387,7 +387,7 @@ def render_pair(tokenizer: Any, prompt: str | Messages, response: str | Messages
                 f"role(s) {bad}: qrm's plain layout (the tokenizer has no chat template) knows only "
                 f"{sorted(PLAIN_ROLE_NAMES)}"
             )
-    text, out, _ = _conversation_pair(p, r, r, tokenizer)
+    text, out, _ = conversation_pair(p, r, r, tokenizer)
     return text, out
 
 

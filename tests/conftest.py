@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,3 +101,21 @@ def tiny_run_flags(model: str | Path, out: Path, data: Path, *extra: str, max_le
         "--seed", "0",
         *extra,
     ]  # fmt: skip
+
+
+def save_adapter_from_fsdp2(model: Any, out_dir: str | Path, rank: int) -> None:
+    """`qrm.distributed.save_adapter` on a model wrapped with torch's `fully_shard` by hand (no Trainer): the
+    accelerator is reduced to what save_adapter reads (FSDP version, main process, barrier)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from qrm.distributed import save_adapter
+
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)),
+        is_main_process=rank == 0,
+        unwrap_model=lambda m: m,
+        wait_for_everyone=dist.barrier,
+    )
+    save_adapter(SimpleNamespace(accelerator=accelerator, model=model, processing_class=None), out_dir)

@@ -46,16 +46,23 @@ def main(argv: list[str]) -> int:
     fault = None
     if argv[:1] == ["--fault"]:
         fault, argv = Fault(argv[1]), argv[2:]
+    add_callback_to_trainer(fault)
+    return qtrain.main(argv)
+
+
+def add_callback_to_trainer(callback: TrainerCallback | None) -> None:
+    """Make `qrm.train.build_trainer` add `callback` (when given) to every trainer it builds."""
+    import qrm.train as qtrain
+
     build = qtrain.build_trainer
 
-    def build_with_fault(*args: Any, **kwargs: Any) -> Any:
+    def build_with_callback(*args: Any, **kwargs: Any) -> Any:
         trainer, prepared = build(*args, **kwargs)
-        if fault is not None:
-            trainer.add_callback(fault)
+        if callback is not None:
+            trainer.add_callback(callback)
         return trainer, prepared
 
-    qtrain.build_trainer = build_with_fault
-    return qtrain.main(argv)
+    qtrain.build_trainer = build_with_callback
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fault_driver import Fault  # run as a script, so tests/ is on sys.path
+from fault_driver import Fault, add_callback_to_trainer  # run as a script, so tests/ is on sys.path
 from transformers import TrainerCallback
 
 RANK = int(os.environ.get("RANK", 0))
@@ -119,15 +119,7 @@ def main(argv: list[str]) -> int:
         callback = HangAfterSave(int(spec.split(":")[1]), Path(opts["--record"]))
     elif spec and RANK == int(opts.get("--fault-rank", 0)):
         callback = Fault(spec)
-    build = qtrain.build_trainer
-
-    def build_with_fault(*args: Any, **kwargs: Any) -> Any:
-        trainer, prepared = build(*args, **kwargs)
-        if callback is not None:
-            trainer.add_callback(callback)
-        return trainer, prepared
-
-    qtrain.build_trainer = build_with_fault
+    add_callback_to_trainer(callback)
     rc = None
     try:
         rc = qtrain.main(argv)

@@ -189,12 +189,11 @@ def test_fsdp_config_on_cpu_processes_warns_once_and_runs_unsharded(
 def _fsdp2_save_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
+    from conftest import save_adapter_from_fsdp2
     from peft import LoraConfig, get_peft_model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForSequenceClassification
-
-    from qrm.distributed import save_adapter
 
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -211,13 +210,7 @@ def _fsdp2_save_worker(rank: int, world: int, port: int, model_dir: str, out_dir
         for layer in model.base_model.model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        accelerator = SimpleNamespace(
-            state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)),
-            is_main_process=rank == 0,
-            unwrap_model=lambda m: m,
-            wait_for_everyone=dist.barrier,
-        )
-        save_adapter(SimpleNamespace(accelerator=accelerator, model=model, processing_class=None), out_dir)
+        save_adapter_from_fsdp2(model, out_dir, rank)
     finally:
         dist.destroy_process_group()
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from conftest import hh_rows
+from conftest import hh_rows, save_adapter_from_fsdp2
 
 GLOBAL_BATCH, STEPS, MAX_TOKENS = 4, 2, 96
 
@@ -115,18 +114,8 @@ def _run(rank: int, world: int, model_dir: str, out_dir: str) -> None:
         grads.append({n: full(p.grad) for n, p in trainable.items()})
         optim.step()
         optim.zero_grad()
-    from qrm.distributed import save_adapter
-
     if world > 1:
-        import torch.distributed as dist
-
-        accelerator = SimpleNamespace(
-            state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)),
-            is_main_process=rank == 0,
-            unwrap_model=lambda m: m,
-            wait_for_everyone=dist.barrier,
-        )
-        save_adapter(SimpleNamespace(accelerator=accelerator, model=model, processing_class=None), out_dir)
+        save_adapter_from_fsdp2(model, out_dir, rank)
     else:
         model.save_pretrained(out_dir)
     after = {n: _dequantized(m, full(m.weight)) for n, m in quant.items()}
