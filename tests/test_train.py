@@ -154,7 +154,8 @@ def test_cli_and_accelerate_launch_run_the_same_path(tiny_llama, hh_small, tmp_p
 
 @pytest.mark.slow
 def test_learns_real_preferences_above_chance(tmp_path):
-    """MiniLM (pretrained) in 4 bit on 600 HH-RLHF helpful pairs: held-out accuracy clearly above 50 %."""
+    """MiniLM (pretrained) in 4 bit, one epoch on 600 HH-RLHF helpful pairs: held-out accuracy clearly above 50 %
+    (0.594 on 485 pairs on the CI machine; the bound is ~0.553)."""
     out = tmp_path / "learn"
     metrics = train(
         *parse_recipe(
@@ -162,7 +163,7 @@ def test_learns_real_preferences_above_chance(tmp_path):
                 "--recipe", str(ROOT / "recipes" / "demo" / "minilm_hh_helpful.yaml"),
                 "--dataset", str(HH_TRAIN), "--eval_dataset", str(HH_TEST),
                 "--max_pairs", "600", "--max_length", "128", "--output_dir", str(out),
-                "--learning_rate", "5.0e-4", "--num_train_epochs", "2",
+                "--learning_rate", "5.0e-4", "--num_train_epochs", "1",
             ]
         )
     )  # fmt: skip
