@@ -77,6 +77,17 @@ def cast_trainables(model: Any, dtype: torch.dtype, floating_only: bool = False)
             p.data = p.data.to(dtype)
 
 
+def cast_as_trained(model: Any, margs: ModelArguments) -> None:
+    """Give a reloaded adapter's LoRA and head weights the dtype they trained in: TRL casts them to bf16 on a 4-bit
+    base with a 16-bit compute dtype (trl/trainer/reward_trainer.py), while PEFT reloads them in the base's dtype.
+    Scoring then matches training's numerics."""
+    if not margs.load_in_4bit or trainable_dtype(margs) is not None:
+        return
+    for name, p in model.named_parameters():
+        if "lora_" in name or "modules_to_save" in name:
+            p.data = p.data.to(torch.bfloat16)
+
+
 def autocast_dtype(model: Any) -> torch.dtype | None:
     """The 16-bit dtype to score `model` under autocast, or None: the 4-bit model as TRL trains it needs it, an
     export does not.

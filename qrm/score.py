@@ -309,16 +309,12 @@ def load_adapter_model(path: str | Path) -> tuple[Any, Any, int]:
     path = Path(path)
     margs, recipe = read_recipe(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    from .model import quiet_load_report
+    from .model import cast_as_trained, quiet_load_report
 
     with quiet_load_report():  # the head missing from a *ForCausalLM / BertModel base comes from the adapter next
         model, _ = load_base(margs, tokenizer, trust_remote_code=bool(recipe.get("trust_remote_code", False)))
         model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
-    # Match training numerics: TRL trains the LoRA and head weights in bf16 on a 4-bit base.
-    if margs.load_in_4bit and margs.bnb_4bit_compute_dtype != "float32":
-        for name, p in model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                p.data = p.data.to(torch.bfloat16)
+    cast_as_trained(model, margs)  # LoRA and head in the dtype TRL trained them in
     keep_training_matmul(model)
     return model, tokenizer, recipe_max_length(recipe)
 
