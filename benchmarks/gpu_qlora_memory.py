@@ -140,6 +140,26 @@ def _device_peaks(tc: Any, mem: dict[str, Any]) -> dict[str, Any]:
     return {k: v / GIB if isinstance(v, int) else v for k, v in mem.items()}
 
 
+def sharding_facts(model: Any) -> dict[str, Any]:
+    """What FSDP2 did to the trained model: how many `fully_shard` units, how many 4-bit weights are sharded
+    DTensors (accelerate's `fsdp2_prepare_model` leaves uint8-stored ones out), their storage dtypes, and the dtypes
+    LoRA and head trained in (accelerate upcasts trainables to fp32 only for models without Params4bit)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    quant = [p for p in model.parameters() if type(p).__name__ == "Params4bit" or hasattr(p, "quant_state")]
+    quant += [m.weight for m in model.modules() if type(m).__name__ == "Linear4bit" and m.weight not in quant]
+    return {
+        "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
+        "quantized_weights": len(quant),
+        "quantized_weights_sharded": sum(isinstance(p, DTensor) for p in quant),
+        "quantized_storage_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in quant}),
+        "trainable_dtypes": sorted(
+            {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad}
+        ),
+    }
+
+
 def _write(res: dict[str, Any], device: str, out_dir: Path) -> None:
     """Write the record to <out_dir>/<recipe>-<device>.json and print its table."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,12 +180,15 @@ def run_recipe(recipe: Path, args: argparse.Namespace, work: Path) -> dict[str, 
     from qrm.train import build_trainer
 
     tc, cuda, t0 = torch.cuda, torch.cuda.is_available(), time.perf_counter()
-    model_dir = build_backbone(recipe.parent, work / recipe.parent.name, args.tiny)
+    model_dir = args.backbone_dir or work / recipe.parent.name
+    if not (model_dir / "config.json").is_file():  # --backbone-dir: built once, reused by the next launch
+        build_backbone(recipe.parent, model_dir, args.tiny)
     build_s, run_dir = time.perf_counter() - t0, Path(tempfile.mkdtemp(prefix="run-", dir=work))
     data = write_pairs(run_dir / "pairs.jsonl", args.steps * args.batch + 1, args.max_length)
     shared, (margs, largs, dargs, targs) = _recipe_args(recipe, args, run_dir, model_dir, data)
     # what load_base will pick; an FSDP launch on CPU-only processes runs unsharded (warned once)
-    launch, attn = effective_launch(targs), choose_attention(margs.attn_implementation)
+    launch = effective_launch(targs)
+    attn = choose_attention(margs.attn_implementation, compute_dtype=margs.bnb_4bit_compute_dtype)
     fsdp, overrides = launch.sharding == "fsdp", [*shared, "--attn_implementation", attn]
     p = plan(recipe, gpu_memory_gb=GOAL_GIB, fsdp=fsdp, overrides=overrides)
     if cuda and args.cap_gib:
@@ -185,6 +208,7 @@ def run_recipe(recipe: Path, args: argparse.Namespace, work: Path) -> dict[str, 
         attn = "sdpa" if attn == PAIR_BLOCKS else attn  # sdpa called once per packed sequence: sdpa's memory
         trainer.add_callback(step_timer(cuda, times))
         loss, t2 = trainer.train().training_loss, time.perf_counter()
+        mem["sharding"] = sharding_facts(trainer.model_wrapped) if fsdp else None
     except torch.OutOfMemoryError as e:  # with --cap-gib: the answer is "does not fit"
         mem["oom"] = str(e).splitlines()[0]
     if cuda:
@@ -219,7 +243,8 @@ def run_recipe(recipe: Path, args: argparse.Namespace, work: Path) -> dict[str, 
     res["timing"].update(step_time_s=step_s, step_times_s=times, tokens_per_s=step_s and tokens / step_s)
     res["mfu"] = mfu(recipe, largs, res)
     _write(res, device, args.out_dir)
-    shutil.rmtree(model_dir, ignore_errors=True)  # 26 GB for 13B: free the disk before the next recipe
+    if args.backbone_dir is None:
+        shutil.rmtree(model_dir, ignore_errors=True)  # 26 GB for 13B: free the disk before the next recipe
     return res
 
 
@@ -266,17 +291,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: shrunk random model, no CUDA numbers")
     ap.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results (--tiny: a temp dir)")
     ap.add_argument("--cap-gib", type=float, default=None, help="cap PyTorch's CUDA allocator at this many GiB")
+    ap.add_argument("--backbone-dir", type=Path, default=None, help="build the random backbone here once and keep it")
     ap.add_argument("--only", type=int, default=None, help=argparse.SUPPRESS)  # child process: run recipes[ONLY]
     args = ap.parse_args(argv)
     if args.tiny:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # set before torch loads: the smoke test never touches a GPU
     os.environ.update({k: os.environ.get(k, "1") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")})
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+    import emulate  # QRM_EMULATE_GPU_PROCESSES=1 (the GPU check's dry run): accelerate's FSDP path on CPU processes
+
+    emulate.install_if_requested()
     args.steps, args.max_length = args.steps or (2 if args.tiny else 30), args.max_length or (64 if args.tiny else 2048)
     stem = "hh_rlhf_fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") else "hh_rlhf_qlora"
     recipes = [r.resolve() for r in args.recipe or [ROOT / "recipes" / m / f"{stem}.yaml" for m in MODELS]]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or ("LOCAL_RANK" in os.environ and len(recipes) > 1):
         ap.error("under a launcher: --num_processes 1 and one --recipe per launch")
+    if args.backbone_dir is not None and len(recipes) > 1:
+        ap.error("--backbone-dir holds one backbone: give one --recipe")
     args.out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="qrm-gpu-bench-")) if args.tiny else RESULTS)
     if len(recipes) > 1 and args.only is None:  # a fresh process per recipe: nothing carries over
         raw = [*(sys.argv[1:] if argv is None else argv), "--out-dir", str(args.out_dir)]

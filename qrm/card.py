@@ -287,6 +287,46 @@ def _usage(provenance: dict[str, Any], where: str | None) -> str:
         + _TRL_USAGE
         + "\n### vLLM\n\nA `*ForSequenceClassification` with one label, safetensors weights, a pad token and the"
         " head at `score.weight`: see qrm's docs/serving.md (`vllm serve <dir> --runner pooling`).\n"
+        + _clients(provenance)
+    )
+
+
+ENCODER_PREFIXES = (
+    "Bert",
+    "Roberta",
+    "XLMRoberta",
+    "Deberta",
+    "DistilBert",
+    "Electra",
+    "Albert",
+    "MPNet",
+    "ModernBert",
+)
+
+
+def _clients(provenance: dict[str, Any]) -> str:
+    """Which RL and serving clients accept this export, with the agreement with `qrm score` measured in qrm's tests
+    (docs/serving.md has the full table), and why a client cannot where it cannot."""
+    arch = provenance.get("architecture") or ""
+    encoder = arch.startswith(ENCODER_PREFIXES)
+    no = "no: it expects a bias-free `score` head read at the last token; this encoder's `classifier` head"
+    rows = [
+        ("`transformers.pipeline` / vLLM pooling runner (`--dtype float32`)", "yes", "≤ 1e-5 / ≤ 7.5e-8"),
+        ("`qrm.reward_function` in TRL `GRPOTrainer` / `RLOOTrainer`", "yes", "≤ 1e-6 (RLOO: 1.4e-8)"),
+        ("`qrm serve` for OpenRLHF `--reward.remote_url` (`--policy-tokenizer` when the policy's differs)", "yes",
+         "≤ 1e-5 (other policy tokenizer: 1.5e-8)"),
+        ("OpenRLHF local reward model (`get_llm_for_sequence_regression`)",
+         f"{no} on `[CLS]` is ignored and `score` newly initialised" if encoder else
+         "yes (prompts through this chat template, or `--input_template \"<bos>{}\"` for raw text)",
+         "–" if encoder else "0 in fp32, 2.5e-3 in its default bf16; raw prompts without BOS: 0.10"),
+        ("TRL `get_reward` (PPO utility)", "no: it reads `model.score`, which an encoder lacks" if encoder else "yes",
+         "–" if encoder else "equal on qrm's ids"),
+        ('TRL `reward_funcs="<dir>"`', "loads, but tokenizes without BOS/EOS/CLS/SEP", "up to 0.71 (use qrm.reward_function)"),
+    ]  # fmt: skip
+    table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+    return (
+        f"\n### Clients ({'encoder' if encoder else 'decoder'} export)\n\n| client | accepts this export | max "
+        "\\|Δreward\\| vs `qrm score` (qrm's tests) |\n|---|---|---|\n" + table + "\n"
     )
 
 
@@ -326,6 +366,14 @@ def _adapter_usage(load: dict[str, Any], where: str) -> str:
         "if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # qrm added a pad token\n"
         "    base.resize_token_embeddings(len(tokenizer))\n"
         "model = PeftModel.from_pretrained(base, adapter).eval()\n"
+        + (
+            "# bitsandbytes repacks 4-bit layers for a bf16 kernel on AVX512-BF16 CPUs; keep training's numerics:\n"
+            "for m in model.modules():\n"
+            '    if hasattr(m, "support_avx512bf16_for_cpu"):\n'
+            "        m.support_avx512bf16_for_cpu = False\n"
+            if q
+            else ""
+        )
         + auto
         + f'batch = tokenizer({_EXAMPLE}, return_tensors="pt")\n'
         "with torch.no_grad():\n"

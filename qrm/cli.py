@@ -43,6 +43,7 @@ USER_ERRORS = {
     "qrm.data": ("DataError",),
     "qrm.export": ("ExportError",),
     "qrm.hub": ("PushError",),
+    "qrm.source": ("SourceError",),
 }
 
 

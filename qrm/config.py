@@ -382,9 +382,37 @@ def validate(
         raise bad("length_debias", targs.length_debias, "must be none or odin")
     for key in ("odin_length_weight", "odin_ortho_weight"):
         number(key, getattr(targs, key), low=0.0)
+    resolve_eval_split(dargs, where, getattr(source, "argv_keys", set()))
+
+
+def resolve_eval_split(dargs: DataArguments, where: Any, flags: set[str]) -> None:
+    """`eval_dataset` and `eval_fraction` both choose the eval pairs. One typed on the command line over the other
+    from the recipe: the command line wins (the other is unset), with a one-line notice, as for any field. Both
+    from one place is a contradiction, named with both sources.
+
+    Args:
+        dargs (`DataArguments`): changed in place.
+        where (`Callable[[str], str]`): the source of a field (`recipe.yaml:LINE`, `command line --field`).
+        flags (`set[str]`): the fields given on the command line."""
     if str(dargs.eval_dataset).strip().lower() in ("", "none", "null"):
         dargs.eval_dataset = None  # `--eval_dataset none` unsets a recipe's eval file
     if dargs.eval_dataset and dargs.eval_fraction > 0:
+        if "eval_fraction" in flags and "eval_dataset" not in flags:
+            print(
+                f"[qrm] eval_fraction: the command line value {dargs.eval_fraction} overrides eval_dataset "
+                f"{dargs.eval_dataset!r} from {where('eval_dataset')} (eval pairs are held out of dataset instead)",
+                file=sys.stderr,
+            )
+            dargs.eval_dataset = None
+            return
+        if "eval_dataset" in flags and "eval_fraction" not in flags:
+            print(
+                f"[qrm] eval_dataset: the command line value overrides eval_fraction {dargs.eval_fraction} from "
+                f"{where('eval_fraction')} (no pairs are held out of dataset)",
+                file=sys.stderr,
+            )
+            dargs.eval_fraction = 0.0
+            return
         raise RecipeError(
             f"eval_dataset ({where('eval_dataset')}) and eval_fraction ({where('eval_fraction')}) both choose the "
             "eval pairs; keep one (--eval_dataset none, or --eval_fraction 0)"

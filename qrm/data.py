@@ -8,12 +8,19 @@ import math
 import os
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import DataArguments
 from .data_files import LOCAL_SUFFIXES, DataError, check_text_file, load_rows  # noqa: F401 - public here too
+from .formats import (  # noqa: F401 - public here too
+    check_declared_format,
+    check_rows_share_format,
+    detect_format,
+    format_needs,
+    present_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +38,7 @@ ROLE_ALIASES = {
 # so conversational and implicit-prompt data render the same way.
 PLAIN_ROLE_NAMES = {"system": "System", "user": "Human", "assistant": "Assistant"}
 HH_ASSISTANT = "\n\nAssistant:"
+PLAIN_SPACES = (" ", "\n", "\t", "\r")  # a content starting with one of these gets no space after its role marker
 HH_HUMAN = "\n\nHuman:"
 GRADED_LABELS = {
     "a-is-better": ("a", "better"),
@@ -88,55 +96,13 @@ class DataReport:
         out.append(f"  dropped: responses alone exceed max_length {self.dropped_too_long}")
         out.append(f"  kept for training/eval {self.tokenized}")
         if self.duplicates:
-            out.append(f"  duplicate pairs (kept)  {self.duplicates}: same prompt, chosen and rejected as an earlier row")
+            out.append(
+                f"  duplicate pairs (kept)  {self.duplicates}: same prompt, chosen and rejected as an earlier row"
+            )
         return out
 
 
 # ----------------------------------------------------------------------------------------------- formats
-
-
-def format_needs(args: DataArguments) -> str:
-    """What columns each format needs, with this recipe's column names."""
-    a = args
-    return (
-        f"explicit needs {a.prompt_column!r}, {a.chosen_column!r}, {a.rejected_column!r} (strings); "
-        f"implicit needs {a.chosen_column!r} and {a.rejected_column!r} (full texts sharing the prompt); "
-        f"conversational needs {a.chosen_column!r} and {a.rejected_column!r} as message lists; "
-        f"sharegpt needs {a.conversations_column!r}, {a.chosen_column!r}, {a.rejected_column!r}; "
-        f"ratings needs {a.prompt_column!r} (or 'question'), {a.response_column!r}, {a.score_column!r}; "
-        f"graded needs {a.completion_a_column!r}, {a.completion_b_column!r}, {a.preference_column or 'preference'!r}"
-    )
-
-
-def detect_format(
-    columns: Sequence[str], first: dict[str, Any], args: DataArguments, where: str | None = None
-) -> tuple[str, str]:
-    """Guess the format from column names and the first row; returns (format, explanation)."""
-    cols = set(columns)
-    if args.conversations_column in cols and args.chosen_column in cols:
-        return "sharegpt", f"columns {args.conversations_column!r} + {args.chosen_column!r}"
-    if {args.completion_a_column, args.completion_b_column} <= cols and (
-        args.preference_column or "preference"
-    ) in cols:
-        return "explicit", "graded preferences over two completions"
-    prompt_col = args.prompt_column if args.prompt_column in cols else "question"
-    if {args.response_column, args.score_column} <= cols and prompt_col in cols:
-        return "ratings", f"columns {prompt_col!r}, {args.response_column!r}, {args.score_column!r}"
-    if args.chosen_column in cols and args.rejected_column in cols:
-        if isinstance(first.get(args.chosen_column), list):
-            return "conversational", "chosen/rejected are message lists"
-        if args.prompt_column in cols:
-            if isinstance(first.get(args.prompt_column), list):
-                return "conversational", "prompt is a message list"
-            return (
-                "explicit",
-                f"string columns {args.prompt_column!r}, {args.chosen_column!r}, {args.rejected_column!r}",
-            )
-        return "implicit", "chosen/rejected are full texts with a shared prompt"
-    raise DataError(
-        f"{where or 'data'}: cannot detect the preference format from columns {sorted(cols)}: {format_needs(args)}; "
-        "set dataset_format and the *_column fields"
-    )
 
 
 def _text(row: dict[str, Any], col: str, where: str, i: int, allow_empty: bool = False) -> str:
@@ -204,12 +170,31 @@ def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
+def plain_turn(role: str, content: str) -> str:
+    """One message in qrm's plain layout: `\\n\\n<Role>:`, one space, the content. A content that already starts
+    with whitespace gets no second space, so the generation prompt (`\\n\\nAssistant:`) followed by a completion
+    that starts with a space renders exactly as that completion's assistant turn."""
+    sep = "" if content[:1] in PLAIN_SPACES else " "
+    return f"\n\n{PLAIN_ROLE_NAMES[role]}:{sep}{content}"
+
+
 def render_messages(messages: list[dict[str, str]], tokenizer: Any, add_generation_prompt: bool) -> str:
-    """Render with the tokenizer's chat template, or the plain `\\n\\nHuman: ...\\n\\nAssistant: ...` layout."""
+    """Render with the tokenizer's chat template, or the plain `\\n\\nHuman: ...\\n\\nAssistant: ...` layout
+    (`plain_turn`)."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    text = "".join(f"\n\n{PLAIN_ROLE_NAMES[m['role']]}: {m['content']}" for m in messages)
+    text = "".join(plain_turn(m["role"], m["content"]) for m in messages)
     return text + (HH_ASSISTANT if add_generation_prompt else "")
+
+
+def _drop_rendered_bos(text: str, tokenizer: Any) -> str:
+    """A chat template that writes `{{ bos_token }}` (Llama 3, Gemma, qrm's exported plain template) renders the BOS
+    the tokenizer adds itself: drop the text copy, so the ids hold one BOS."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos or not text.startswith(bos):
+        return text
+    prefix, _ = special_tokens(tokenizer)
+    return text[len(bos) :] if prefix[:1] == [tokenizer.bos_token_id] else text
 
 
 def conversation_pair(
@@ -234,7 +219,7 @@ def conversation_pair(
     if getattr(tokenizer, "chat_template", None) is None:
         # The plain layout renders "\n\nAssistant: text": drop the role marker already at the end of the prompt.
         out = [o.removeprefix(HH_ASSISTANT) for o in out]
-    return prompt_text, out[0], out[1]
+    return _drop_rendered_bos(prompt_text, tokenizer), out[0], out[1]
 
 
 def build_pairs(
@@ -247,10 +232,11 @@ def build_pairs(
         raise DataError(f"{where}: the file holds no rows")
     fmt = args.dataset_format
     if fmt == "auto":
-        fmt, why = detect_format(list(rows[0].keys()), rows[0], args, where)
+        fmt, why = detect_format(present_fields(rows[0]), rows[0], args, where)
         report.detected = f"auto: {why}"
+        check_rows_share_format(rows, fmt, why, args, where)
     else:
-        _check_declared_format(fmt, rows[0], args, where)
+        check_declared_format(fmt, rows[0], args, where)
     report.format = fmt
     pairs: list[dict] = []
     if fmt == "ratings":
@@ -295,21 +281,6 @@ def build_pairs(
     return pairs, report
 
 
-def _check_declared_format(fmt: str, first: dict[str, Any], args: DataArguments, where: str) -> None:
-    """Data in another format than the recipe's `dataset_format` is refused before any row is half-read."""
-    try:
-        seen, why = detect_format(list(first), first, args, where)
-    except DataError:
-        return  # nothing recognisable: the declared format's own field checks name what is missing
-    graded = {args.completion_a_column, args.completion_b_column} <= set(first)
-    if seen == fmt or (fmt == "conversational" and seen == "sharegpt") or (fmt == "explicit" and graded):
-        return
-    raise DataError(
-        f"{where}: dataset_format is {fmt!r} but row 1 looks like {seen!r} data ({why}); "
-        f"set dataset_format: {seen} (or auto), or fix the *_column fields"
-    )
-
-
 def _implicit_pair(row: dict[str, Any], args: DataArguments, where: str, i: int, report: DataReport) -> dict | None:
     """Split an implicit-prompt row; a split that cannot be right is an error, or a counted drop with
     `drop_bad_implicit_pairs`."""
@@ -320,12 +291,21 @@ def _implicit_pair(row: dict[str, Any], args: DataArguments, where: str, i: int,
     hh = HH_HUMAN in chosen or HH_ASSISTANT in chosen
     if not p.strip():
         problem = "no shared prompt", "chosen and rejected share no common start to use as the prompt"
+    elif not c or not r or (not hh and (not c.strip() or not r.strip())):
+        # HH-RLHF itself has empty replies ("Assistant: " then nothing: 3 of the bundled 1,500 pairs), kept as
+        # data; a text that stops at the prompt's "Assistant:" has no reply at all.
+        col = args.chosen_column if not c.strip() else args.rejected_column
+        problem = (
+            "empty response",
+            (
+                f"field {col!r} is the shared prompt alone (or the start of the other text), so its response would be "
+                "empty"
+            ),
+        )
     elif hh and not p.endswith(HH_ASSISTANT):
         problem = "differing turn", "chosen and rejected already differ inside the first Human turn"
     elif HH_HUMAN in c or HH_HUMAN in r:
         problem = "differing turn", "chosen and rejected differ in an earlier turn, not only in the last response"
-    elif not hh and (not c.strip() or not r.strip()):
-        problem = "empty response", "one text is the start of the other, so its response would be empty"
     if problem is None:
         return {"prompt": p, "chosen": c, "rejected": r}
     if getattr(args, "drop_bad_implicit_pairs", False):

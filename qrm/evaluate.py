@@ -577,8 +577,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"probe {probe}: accuracy {v['accuracy']:.3f} on {v['n']} pairs")
     if m.get("rewardbench"):
         rb = m["rewardbench"]
-        parts = [f"{k} {100 * v['score']:.1f}" for k, v in rb["sections"].items()]
+        parts = [
+            f"{k} {100 * v['score']:.1f}" if v["score"] is not None else f"{k} partial"
+            for k, v in rb["sections"].items()
+        ]
         score = "n/a" if rb["score"] is None else f"{100 * rb['score']:.1f}"
         print(f"RewardBench score {score} ({', '.join(parts) or 'no known subset'})")
+        if rb.get("fit"):
+            f = rb["fit"]
+            print(
+                f"RewardBench: every pair fitted to {f['max_length']} tokens: {f['rows_prompt_cut']} rows with the "
+                f"prompt cut from the left, {f['rows_response_cut']} with a response cut to its last tokens"
+            )
     print(f"report: {out}")
     return 0

@@ -62,20 +62,32 @@ def align_tokenizer(tokenizer: Any) -> dict[str, Any]:
     return info
 
 
-def plain_chat_template() -> str:
+def plain_chat_template(bos: bool = False) -> str:
     """qrm's plain conversation layout (`qrm.data.render_messages` without a chat template) as a Jinja chat
-    template: `apply_chat_template(messages, tokenize=False)` then renders what training rendered."""
-    from .data import HH_ASSISTANT, PLAIN_ROLE_NAMES
+    template: `apply_chat_template(messages, tokenize=False)` then renders what training rendered.
+
+    Args:
+        bos (`bool`, *optional*, defaults to `False`): start with `{{ bos_token }}`, for tokenizers that put BOS in
+            front of every sequence (as Llama 3's and Gemma's templates do): clients that tokenize the rendered text
+            with `add_special_tokens=False` (OpenRLHF, TRL's `reward_funcs=<dir>`, vLLM's `messages`) then get the
+            BOS training had. qrm drops the rendered copy before adding its own (`qrm.data.conversation_pair`).
+
+    Each role marker is followed by one space unless the content starts with whitespace (`qrm.data.plain_turn`), so
+    the generation prompt followed by a completion `" text"` renders exactly as the assistant turn `" text"` or
+    `"text"`."""
+    from .data import HH_ASSISTANT, PLAIN_ROLE_NAMES, PLAIN_SPACES
 
     q = json.dumps  # a JSON string literal is a valid Jinja string literal, escapes included
     branches = "".join(
-        f"{{%- {'if' if i == 0 else 'elif'} message['role'] == {q(role)} -%}}{{{{ {q(chr(10) * 2 + name + ': ')} }}}}"
+        f"{{%- {'if' if i == 0 else 'elif'} message['role'] == {q(role)} -%}}{{{{ {q(chr(10) * 2 + name + ':')} }}}}"
         for i, (role, name) in enumerate(PLAIN_ROLE_NAMES.items())
     )
     unknown = "{{ raise_exception(\"qrm's plain template has no role \" + message['role']) }}"
+    space = f"{{%- if message['content'][:1] not in [{', '.join(q(c) for c in PLAIN_SPACES)}] -%}}{{{{ ' ' }}}}{{%- endif -%}}"
     return (
-        f"{{%- for message in messages -%}}{branches}{{%- else -%}}{unknown}{{%- endif -%}}"
-        "{{ message['content'] }}{%- endfor -%}"
+        ("{{- bos_token -}}" if bos else "")
+        + f"{{%- for message in messages -%}}{branches}{{%- else -%}}{unknown}{{%- endif -%}}"
+        f"{space}{{{{ message['content'] }}}}{{%- endfor -%}}"
         f"{{%- if add_generation_prompt -%}}{{{{ {q(HH_ASSISTANT)} }}}}{{%- endif -%}}"
     )
 
@@ -98,7 +110,11 @@ def save_tokenizer(adapter: Path, folder: Path) -> dict[str, Any]:
     def load() -> Any:
         tok = AutoTokenizer.from_pretrained(adapter)
         if not getattr(tok, "chat_template", None):
-            tok.chat_template = plain_chat_template()
+            # Training put BOS in front of every sequence: the template writes it, for add_special_tokens=False clients.
+            prefix = special_tokens(tok)[0]
+            tok.chat_template = plain_chat_template(
+                bos=tok.bos_token_id is not None and prefix[:1] == [tok.bos_token_id]
+            )
         return tok
 
     tokenizer = load()

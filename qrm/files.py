@@ -39,7 +39,7 @@ def is_export_dir(path: str | os.PathLike) -> bool:
 
 
 def dir_kind(path: str | os.PathLike) -> str | None:
-    """"adapter", "export", or None when `path` holds neither an `adapter_config.json` nor a `config.json`."""
+    """ "adapter", "export", or None when `path` holds neither an `adapter_config.json` nor a `config.json`."""
     if is_adapter_dir(path):
         return "adapter"
     if is_export_dir(path):

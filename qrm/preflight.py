@@ -179,16 +179,21 @@ def check_model_source(margs: Any, where: Any = None) -> str | None:
     src = where("model_name_or_path") if callable(where) else (where or "recipe")
     name = margs.model_name_or_path
     head = f"{src}: model_name_or_path={name!r}"
-    if name.startswith("pkg:"):
-        from .model import resolve_path
+    from .source import SourceError, check_gguf_ready, gguf_source
 
-        try:
+    try:
+        if gguf_source(name) is not None:
+            check_gguf_ready(name)  # cheap: the conversion itself runs when the tokenizer loads
+            return None
+        if name.startswith("pkg:"):
+            from .source import resolve_path
+
             name = resolve_path(name)
-        except FileNotFoundError as e:
-            raise RecipeError(f"{src}: {e}") from None
+    except SourceError as e:
+        raise RecipeError(f"{src}: {e}") from None
     path = Path(name).expanduser()
     if path.is_file():
-        raise RecipeError(f"{head}: is a file; expected a model directory (with config.json) or a Hub id")
+        raise RecipeError(f"{head}: is a file; expected a model directory (with config.json), a .gguf file or a Hub id")
     if path.is_dir():
         if (path / MODEL_CONFIG).is_file():
             try:

@@ -139,8 +139,10 @@ def rewardbench_scores(
 
     Returns:
         `dict` with `subsets` ({name: n, correct, accuracy, skipped, section}), `sections` ({name: score, subsets,
-        weight}, only sections with a subset present), `score` (mean of the sections; None without any) and
-        `weights` (the subset weights used).
+        weight, unscored}, only sections with a subset present; a section with an unscored pair is `partial`: its
+        `score` is None and `partial_accuracy` the weighted accuracy over the scored pairs), `score` (mean of the
+        sections; None without any, or when a section is partial), `partial_sections` and `weights` (the subset
+        weights used).
     """
     per: dict[str, dict[str, Any]] = {}
     for name, c, rs in zip(subsets, chosen, rejected, strict=True):
@@ -161,12 +163,18 @@ def rewardbench_scores(
             continue
         weight = sum(EXAMPLE_COUNTS[s] for s in present)
         score = sum(per[s]["accuracy"] * EXAMPLE_COUNTS[s] for s in present) / weight
-        sections[sec] = {"score": score, "subsets": present, "weight": weight}
-    overall = sum(v["score"] for v in sections.values()) / len(sections) if sections else None
+        unscored = sum(per[s]["skipped"] for s in names if s in per)
+        sections[sec] = {"score": score, "subsets": present, "weight": weight, "unscored": unscored}
+        if unscored:  # RewardBench scores every pair: an accuracy over some of them is not its section score
+            sections[sec].update(score=None, partial=True, partial_accuracy=score)
+    complete = [v["score"] for v in sections.values() if v["score"] is not None]
+    partial = sorted(k for k, v in sections.items() if v.get("partial"))
+    overall = sum(complete) / len(complete) if complete and not partial else None
     return {
         "subsets": dict(sorted(per.items())),
         "sections": sections,
         "score": overall,
+        "partial_sections": partial,
         "weights": {s: EXAMPLE_COUNTS[s] for s in sorted(per) if s in EXAMPLE_COUNTS},
     }
 
@@ -174,21 +182,55 @@ def rewardbench_scores(
 def conversation_texts(prompt: str | list[dict[str, str]], response: str, tokenizer: Any) -> tuple[str, str]:
     """(prompt text, response text) for one response: the prompt as the user's turn (or the given messages), the
     response as the assistant's reply, rendered as qrm renders conversational training data."""
-    from .data import HH_ASSISTANT, render_messages
+    from .data import conversation_pair
 
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    head = render_messages(messages, tokenizer, add_generation_prompt=True)
-    full = render_messages([*messages, {"role": "assistant", "content": response}], tokenizer, False)
-    tail = full[len(head) :] if full.startswith(head) else response
-    if not getattr(tokenizer, "chat_template", None):
-        tail = tail.removeprefix(HH_ASSISTANT)
+    reply = [{"role": "assistant", "content": response}]
+    head, tail, _ = conversation_pair(messages, reply, reply, tokenizer)
     return head, tail
+
+
+def position_limit(rm: Any) -> int:
+    """The longest sequence `rm`'s model takes: `max_position_embeddings` (capped by the tokenizer's
+    `model_max_length` when that is smaller, e.g. RoBERTa's 514 positions hold 512 tokens), or its max_length."""
+    limit = getattr(getattr(rm.model, "config", None), "max_position_embeddings", None) or rm.max_length
+    tok_limit = getattr(rm.tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < limit:
+        limit = tok_limit
+    return int(limit)
+
+
+def fit_texts(tokenizer: Any, prompts: list[str], responses: list[str], limit: int) -> tuple[list, list, list]:
+    """Token ids of each (prompt, response) fitted to `limit` as training fits them: the prompt cut from the left;
+    a response that alone exceeds `limit` keeps its last tokens (the reward is read at the end). Returns (ids,
+    prompt cut, response cut)."""
+    from .policy_text import _special_strings
+    from .score import tokenize_responses
+
+    ids = tokenize_responses(tokenizer, prompts, responses, limit)
+    response_cut = [x is None for x in ids]
+    redo = [i for i, x in enumerate(ids) if x is None]
+    if redo:
+        whole = tokenize_responses(tokenizer, [prompts[i] + responses[i] for i in redo], [""] * len(redo), limit)
+        for i, x in zip(redo, whole, strict=True):
+            ids[i] = x
+    fixed = _special_strings(tokenizer)[2]
+    prompt_cut = [False] * len(ids)
+    for i, x in enumerate(ids):
+        if x is not None and len(x) == limit and not response_cut[i]:
+            n = sum(len(t) for t in tokenizer([prompts[i], responses[i]], add_special_tokens=False)["input_ids"])
+            prompt_cut[i] = n + fixed > limit
+    return ids, prompt_cut, response_cut
 
 
 def evaluate_rewardbench(rm: Any, path: str | Path, batch_size: int = 16) -> tuple[dict[str, Any], list[dict]]:
     """Score every response of a RewardBench file with `rm` (a `qrm.RewardModel`); returns (scores as
-    `rewardbench_scores` gives them, with `file`, one record per row with its rewards)."""
-    from .score import score_ids, tokenize_responses
+    `rewardbench_scores` gives them, with `file` and `fit`, one record per row with its rewards).
+
+    Every pair is scored, as RewardBench scores them: sequences are fitted to the model's position limit (or the
+    training max_length when that is larger) by cutting the prompt from the left, as training does; a response
+    that alone exceeds it keeps its last tokens. `fit` counts the rows cut each way, per subset too."""
+    from .score import score_ids
 
     rows = load_rewardbench(path)
     prompts, responses, owner = [], [], []
@@ -198,23 +240,39 @@ def evaluate_rewardbench(rm: Any, path: str | Path, batch_size: int = 16) -> tup
             prompts.append(head)
             responses.append(tail)
             owner.append(k)
-    ids = tokenize_responses(rm.tokenizer, prompts, responses, rm.max_length)
+    limit = max(rm.max_length, position_limit(rm))
+    ids, prompt_cut, response_cut = fit_texts(rm.tokenizer, prompts, responses, limit)
     fit = [i for i, x in enumerate(ids) if x is not None]
     rewards: list[float | None] = [None] * len(ids)
     scored = score_ids(rm.model, [ids[i] for i in fit], rm.tokenizer.pad_token_id, batch_size)
     for i, v in zip(fit, scored, strict=True):
         rewards[i] = v
+    row_prompt_cut, row_response_cut = [False] * len(rows), [False] * len(rows)
+    for i, k in enumerate(owner):
+        row_prompt_cut[k] |= prompt_cut[i]
+        row_response_cut[k] |= response_cut[i]
     chosen, rejected, pos = [], [], 0
     for r in rows:
         chosen.append(rewards[pos])
         rejected.append(rewards[pos + 1 : pos + 1 + len(r["rejected"])])
         pos += 1 + len(r["rejected"])
     scores = rewardbench_scores([r["subset"] for r in rows], chosen, rejected)
+    for name, g in scores["subsets"].items():
+        ks = [k for k, r in enumerate(rows) if r["subset"] == name]
+        g["prompt_cut"] = sum(row_prompt_cut[k] for k in ks)
+        g["response_cut"] = sum(row_response_cut[k] for k in ks)
     scores["file"] = str(path)
+    scores["fit"] = {
+        "max_length": limit,
+        "training_max_length": rm.max_length,
+        "rows_prompt_cut": sum(row_prompt_cut),
+        "rows_response_cut": sum(row_response_cut),
+    }
     records = [
-        {"row": r["row"], "subset": r["subset"], "chosen_reward": c, "rejected_rewards": rj}
-        for r, c, rj in zip(rows, chosen, rejected, strict=True)
-    ]
+        {"row": r["row"], "subset": r["subset"], "chosen_reward": c, "rejected_rewards": rj,
+         "prompt_cut": pc, "response_cut": rc}
+        for r, c, rj, pc, rc in zip(rows, chosen, rejected, row_prompt_cut, row_response_cut, strict=True)
+    ]  # fmt: skip
     return scores, records
 
 
@@ -223,12 +281,30 @@ def report_lines(rb: dict[str, Any]) -> list[str]:
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}"  # noqa: E731
     lines = ["", "## RewardBench", "", f"File: `{rb.get('file', '?')}`. Overall score {pct(rb['score'])} (mean of "]
     lines[-1] += "the sections below; scores in %, a pair is correct when chosen scores strictly higher)."
+    if rb.get("partial_sections"):
+        lines[-1] += (
+            f" Partial: {', '.join(rb['partial_sections'])} left pairs unscored, so neither they nor the overall"
+            " score are RewardBench scores."
+        )
+    fit = rb.get("fit")
+    if fit:
+        lines[-1] += (
+            f" Every pair fitted to {fit['max_length']} tokens (training max_length {fit['training_max_length']}):"
+            f" {fit['rows_prompt_cut']} rows had a prompt cut from the left, {fit['rows_response_cut']} a response"
+            " cut to its last tokens."
+        )
     lines += ["", "| section | score | subsets (weight) |", "|---|---|---|"]
     for sec, v in rb["sections"].items():
         parts = ", ".join(f"{s} ({rb['weights'][s]})" for s in v["subsets"])
-        lines.append(f"| {sec} | {pct(v['score'])} | {parts} |")
-    lines += ["", "| subset | section | pairs | correct | accuracy | skipped (too long) |", "|---|---|---|---|---|---|"]
+        score = pct(v["score"]) if not v.get("partial") else f"partial ({pct(v['partial_accuracy'])} on scored pairs)"
+        lines.append(f"| {sec} | {score} | {parts} |")
+    lines += [
+        "",
+        "| subset | section | pairs | correct | accuracy | unscored | prompt cut | response cut |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, g in rb["subsets"].items():
         sec = g["section"] or "-"
-        lines.append(f"| {name} | {sec} | {g['n']} | {g['correct']} | {pct(g['accuracy'])} | {g['skipped']} |")
+        cuts = f"{g.get('prompt_cut', '-')} | {g.get('response_cut', '-')}"
+        lines.append(f"| {name} | {sec} | {g['n']} | {g['correct']} | {pct(g['accuracy'])} | {g['skipped']} | {cuts} |")
     return lines

@@ -315,19 +315,7 @@ def load_adapter_model(path: str | Path) -> tuple[Any, Any, int]:
         model, _ = load_base(margs, tokenizer, trust_remote_code=bool(recipe.get("trust_remote_code", False)))
         model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     cast_as_trained(model, margs)  # LoRA and head in the dtype TRL trained them in
-    keep_training_matmul(model)
     return model, tokenizer, recipe_max_length(recipe)
-
-
-def keep_training_matmul(model: Any) -> None:
-    """Make 4-bit layers compute at inference as they did in training.
-
-    On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit on its first no-grad eval forward, rounding the
-    block scales to bf16 (bitsandbytes/nn/modules.py, Linear4bit.forward): rewards would then differ from the ones
-    training saw, and the weights could no longer be dequantized exactly for a merge."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 def _messages(value: Any, what: str) -> Messages:

@@ -3,13 +3,13 @@
 Endpoints: `POST /get_reward` (OpenRLHF's remote reward API), `POST /score` ((prompt, response) pairs or
 conversations), `GET /health`, OpenAPI docs at `/docs`. Texts are tokenized as `qrm score` tokenizes them; one worker
 thread runs every forward pass, merging the texts of concurrent requests into batches (a short wait, a token budget:
-`qrm.batching`) and scoring each batch with `qrm.score.score_ids`, the function `qrm score` uses."""
+`qrm.batching`) and scoring each batch with `qrm.score.score_ids`, the function `qrm score` uses. OpenRLHF's queries
+become ids in `qrm.policy_text` (with `--policy-tokenizer`, the policy's special-token texts removed first)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import hmac
 import json
 import logging
@@ -30,6 +30,7 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from .batching import DynamicBatcher
+from .policy_text import PolicySpecials, openrlhf_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -69,89 +70,6 @@ class ServeSettings:
     max_texts: int = 1024
     max_body_bytes: int = 8 * 2**20
     api_key: str | None = field(default=None, repr=False)
-
-
-# ----------------------------------------------------------------------------------------------- texts to token ids
-
-
-@functools.lru_cache(maxsize=8)  # probed once per tokenizer, not per request
-def _special_strings(tokenizer: Any) -> tuple[list[str], list[str], int]:
-    """Texts of the tokens the tokenizer adds before a sequence, of those it (or qrm: EOS) adds after it, and how
-    many ids qrm adds around every sequence (as `qrm.data.tokenize_pairs` adds them)."""
-    from .data import special_tokens
-
-    prefix, suffix = special_tokens(tokenizer)
-    lead = [t for t in tokenizer.convert_ids_to_tokens(prefix) if t]
-    trail = [t for t in tokenizer.convert_ids_to_tokens(suffix) if t]
-    if tokenizer.eos_token:
-        trail.append(tokenizer.eos_token)
-    closing = 0 if (suffix or tokenizer.eos_token_id is None) else 1
-    return lead, trail, len(prefix) + len(suffix) + closing
-
-
-def _strip(text: str, lead: list[str], trail: list[str]) -> tuple[str, bool]:
-    """`text` without any leading `lead` / trailing `trail` token texts; whether a leading one was removed."""
-    stripped, again = False, True
-    while again:
-        again = False
-        for s in lead:
-            if text.startswith(s):
-                text, stripped, again = text[len(s) :], True, True
-        for s in trail:
-            if text.endswith(s):
-                text, again = text[: -len(s)], True
-    return text, stripped
-
-
-def openrlhf_inputs(
-    tokenizer: Any, queries: Sequence[str], prompts: Sequence[str] | None, max_length: int
-) -> tuple[list[list[int]], list[bool], list[bool]]:
-    """Token ids for OpenRLHF queries, equal to `qrm score`'s ids for the same prompt and response.
-
-    OpenRLHF sends `query` = `tokenizer.decode(prompt_ids + response_ids, skip_special_tokens=False)` (openrlhf/utils/
-    agent.py, `SingleTurnAgentExecutor.execute`), so a query may already carry BOS/[CLS] and EOS/[SEP]. Those are
-    stripped (all leading copies of what the tokenizer puts first; trailing EOS and what it puts last) before qrm adds
-    its own once. When `prompts[i]` is given and the stripped query starts with it (also stripped), the query is
-    scored as (prompt, rest) exactly like `qrm score`; otherwise, or when the rest alone exceeds `max_length`, the
-    whole query is scored as one text, its start cut to fit `max_length`.
-
-    Args:
-        tokenizer (`PreTrainedTokenizerBase`): the reward model's tokenizer.
-        queries (`Sequence[str]`): prompt + response texts.
-        prompts (`Sequence[str]` or `None`): the prompt of each query, or None.
-        max_length (`int`): the reward model's max_length.
-
-    Returns:
-        `tuple[list[list[int]], list[bool], list[bool]]`: ids, whether each query was split at its prompt, and
-        whether its start was cut.
-    """
-    from .score import tokenize_responses
-
-    lead, trail, fixed = _special_strings(tokenizer)
-    heads, tails, split = [], [], []
-    for i, q in enumerate(queries):
-        text, stripped = _strip(q, lead, trail)
-        p = None if prompts is None else _strip(prompts[i], lead, trail)[0]
-        # decode() writes a space after a special token for WordPiece and SentencePiece vocabularies.
-        if p and stripped and not text.startswith(p) and text.startswith(" " + p):
-            text = text[1:]
-        if p and text.startswith(p):
-            heads.append(p), tails.append(text[len(p) :]), split.append(True)
-        else:  # the whole query as the "prompt" with an empty response: same ids, and cut from the left if long
-            heads.append(text), tails.append(""), split.append(False)
-    ids = tokenize_responses(tokenizer, heads, tails, max_length)
-    redo = [i for i, x in enumerate(ids) if x is None]
-    if redo:  # a response alone longer than max_length: score the query's last max_length tokens
-        whole = tokenize_responses(tokenizer, [heads[i] + tails[i] for i in redo], [""] * len(redo), max_length)
-        for i, x in zip(redo, whole, strict=True):
-            ids[i], split[i] = x, False
-    # Cutting the prompt's start makes a sequence exactly max_length long; only those can have been cut.
-    cut = [False] * len(ids)
-    for i, x in enumerate(ids):
-        if x is not None and len(x) == max_length:
-            n = sum(len(t) for t in tokenizer([heads[i], tails[i]], add_special_tokens=False)["input_ids"])
-            cut[i] = n + fixed > max_length
-    return ids, split, cut  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------- HTTP schema
@@ -244,14 +162,16 @@ def _check_count(field: str, n: int, max_texts: int) -> None:
         raise ServeError(413, field, f"{n} texts in one request; at most {max_texts} (--max-texts)")
 
 
-def get_reward_inputs(rm: Any, req: GetRewardRequest, max_texts: int) -> tuple[list[list[int]], dict[str, list]]:
+def get_reward_inputs(
+    rm: Any, req: GetRewardRequest, max_texts: int, policy: PolicySpecials | None = None
+) -> tuple[list[list[int]], dict[str, list]]:
     """Token ids and OpenRLHF `extra_logs` for a /get_reward request (see `openrlhf_inputs`)."""
     _check_count("query", len(req.query), max_texts)
     for name in ("prompts", "labels"):
         value = getattr(req, name)
         if value is not None and len(value) != len(req.query):
             raise ServeError(422, name, f"{len(value)} {name} for {len(req.query)} queries")
-    ids, split, cut = openrlhf_inputs(rm.tokenizer, req.query, req.prompts, rm.max_length)
+    ids, split, cut = openrlhf_inputs(rm.tokenizer, req.query, req.prompts, rm.max_length, policy)
     logs = {
         "qrm_tokens": [float(len(x)) for x in ids],
         "qrm_prompt_split": [float(x) for x in split],
@@ -260,13 +180,16 @@ def get_reward_inputs(rm: Any, req: GetRewardRequest, max_texts: int) -> tuple[l
     return ids, logs
 
 
-def score_inputs(rm: Any, req: ScoreRequest, max_texts: int) -> list[list[int]]:
-    """Token ids for a /score request, as `qrm score` builds them; a response alone over max_length is a 422."""
+def score_inputs(rm: Any, req: ScoreRequest, max_texts: int, policy: PolicySpecials | None = None) -> list[list[int]]:
+    """Token ids for a /score request, as `qrm score` builds them (the policy's special-token texts removed first
+    when `policy` is given); a response alone over max_length is a 422."""
     from .score import tokenize_responses
 
     field = "conversations" if req.conversations is not None else "prompts"
     _check_count(field, len(req.conversations or req.prompts or []), max_texts)
     prompts, responses = score_texts(rm.tokenizer, req)
+    if policy is not None:
+        prompts, responses = policy(prompts), policy(responses)
     ids = tokenize_responses(rm.tokenizer, prompts, responses, rm.max_length)
     bad = [i for i, x in enumerate(ids) if x is None]
     if bad:
@@ -377,13 +300,17 @@ class Guard:
 # ----------------------------------------------------------------------------------------------- application
 
 
-def create_app(rm: Any, settings: ServeSettings | None = None, name: str | None = None) -> FastAPI:
+def create_app(
+    rm: Any, settings: ServeSettings | None = None, name: str | None = None, policy: PolicySpecials | None = None
+) -> FastAPI:
     """The FastAPI application serving `rm`; its model worker starts and stops with the app's lifespan.
 
     Args:
         rm (`qrm.RewardModel`): the loaded reward model.
         settings (`ServeSettings`, *optional*): batching, limits and API key; defaults to `ServeSettings()`.
         name (`str`, *optional*): model name reported by /health (defaults to the model's class name).
+        policy (`PolicySpecials`, *optional*): the policy tokenizer's special-token texts, removed from every text
+            before it is tokenized (`--policy-tokenizer`).
     """
     from .score import score_ids
 
@@ -423,14 +350,14 @@ def create_app(rm: Any, settings: ServeSettings | None = None, name: str | None 
     @app.post("/get_reward", response_model=GetRewardResponse, dependencies=deps)
     async def get_reward(req: GetRewardRequest) -> dict[str, Any]:
         """OpenRLHF remote reward (`--reward.remote_url http://HOST:PORT/get_reward`)."""
-        ids, logs = await asyncio.to_thread(get_reward_inputs, rm, req, s.max_texts)
+        ids, logs = await asyncio.to_thread(get_reward_inputs, rm, req, s.max_texts, policy)
         rewards = await batcher.score(ids)
         return {"rewards": rewards, "scores": rewards, "extra_logs": logs}
 
     @app.post("/score", response_model=ScoreResponse, dependencies=deps)
     async def score(req: ScoreRequest) -> dict[str, Any]:
         """Rewards of (prompt, response) pairs or conversations, exactly as `qrm score` computes them."""
-        ids = await asyncio.to_thread(score_inputs, rm, req, s.max_texts)
+        ids = await asyncio.to_thread(score_inputs, rm, req, s.max_texts, policy)
         return {"rewards": await batcher.score(ids), "tokens": [len(x) for x in ids]}
 
     @app.get("/health")
@@ -441,6 +368,7 @@ def create_app(rm: Any, settings: ServeSettings | None = None, name: str | None 
             "model": name or type(rm.model).__name__,
             "device": device,
             "max_length": rm.max_length,
+            "policy_special_tokens": policy.texts if policy is not None else [],
             **stats,
             **batcher.stats,
         }
@@ -464,6 +392,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="Exports: cuda, cpu, ... (default: the GPU when there is one).")
     ap.add_argument("--dtype", default="auto", help="Exports: float32, bfloat16, ... (default: as stored).")
     ap.add_argument("--max-length", type=int, default=None, help="Default: the training recipe's max_length.")
+    ap.add_argument(
+        "--policy-tokenizer",
+        default=None,
+        help="Dir (or Hub id) of the policy's tokenizer when it is not the reward model's: its special-token texts "
+        "(<s>, </s>, <|im_end|>, ...) in OpenRLHF's decoded queries are removed before scoring.",
+    )
     ap.add_argument(
         "--api-key-env",
         default=None,
@@ -500,6 +434,9 @@ def _check(args: argparse.Namespace) -> tuple[str | None, str | None]:
             f"--model {args.model}: holds neither config.json (qrm merge export) nor adapter_config.json (qrm train output)",
             None,
         )
+    policy = args.policy_tokenizer
+    if policy and not Path(policy).is_dir() and (Path(policy).exists() or policy.startswith((".", "/", "~"))):
+        return f"--policy-tokenizer {policy}: no such directory (a tokenizer dir or a Hub id)", None
     for flag in ("max_batch_size", "max_batch_tokens", "max_texts", "max_body_bytes"):
         if getattr(args, flag) < 1:
             return f"--{flag.replace('_', '-')} must be at least 1", None
@@ -542,6 +479,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .score import RewardModel, score_ids
 
     hf_logging.disable_progress_bar()  # one startup line, not a weight-loading bar
+    policy_tok = None
+    if args.policy_tokenizer:  # before the model: a bad path fails in a second, not after loading
+        from transformers import AutoTokenizer
+
+        try:
+            policy_tok = AutoTokenizer.from_pretrained(args.policy_tokenizer)
+        except (OSError, ValueError) as e:
+            return _fail(
+                f"--policy-tokenizer {args.policy_tokenizer}: cannot load a tokenizer: {str(e).splitlines()[0]}"
+            )
     rm = RewardModel.from_pretrained(args.model, device=args.device, max_length=args.max_length, dtype=args.dtype)
     settings = ServeSettings(
         args.max_batch_size,
@@ -552,7 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.max_body_bytes,
         key,
     )
-    app = create_app(rm, settings, name=Path(args.model).resolve().name)
+    policy = PolicySpecials(policy_tok, rm.tokenizer) if policy_tok is not None else None
+    app = create_app(rm, settings, name=Path(args.model).resolve().name, policy=policy)
     # Warm up before announcing: the first tokenization imports qrm.data (and TRL), the first forward pass
     # initializes kernels; otherwise the first requests wait for both.
     score_ids(rm.model, openrlhf_inputs(rm.tokenizer, ["warm-up"], None, rm.max_length)[0], rm.tokenizer.pad_token_id)
@@ -569,7 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"qrm serve: http://{host}:{port} model {args.model} ({type(rm.model).__name__}, {device}, max_length {rm.max_length}); "
         f"batches of <= {settings.max_batch_size} texts / {settings.max_batch_tokens} tokens, wait {settings.max_wait_ms:g} ms; "
-        f"API key {'required' if key else 'off'}; docs at /docs",
+        f"API key {'required' if key else 'off'}; "
+        f"policy special tokens removed: {policy.texts if policy is not None else 'none'}; docs at /docs",
         file=sys.stderr,
         flush=True,
     )

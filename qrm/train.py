@@ -130,7 +130,6 @@ def _load(margs: ModelArguments, largs: LoraArguments, targs: TrainingArguments,
     """The 4-bit model with LoRA (and ODIN's length head), as the trainer will train it."""
     from . import odin
     from .model import count_parameters, load_model
-    from .score import keep_training_matmul
 
     checkpointing = bool(targs.activation_checkpointing)
     model = load_model(
@@ -141,7 +140,6 @@ def _load(margs: ModelArguments, largs: LoraArguments, targs: TrainingArguments,
         fsdp=fsdp,
         trust_remote_code=targs.trust_remote_code,
     )
-    keep_training_matmul(model)  # evals must not repack 4-bit weights with bf16 scales (AVX512-BF16 CPUs)
     odin.setup(model, targs, sharded=fsdp)  # length_debias: odin; before TRL casts and the optimizer sees weights
     if checkpointing and margs.load_in_4bit and not fsdp:
         # prepare_model_for_kbit_training already enabled checkpointing; the Trainer would enable it again with

@@ -212,7 +212,8 @@ def load_adapter_plain(folder: str | os.PathLike) -> tuple[Any, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
     from .files import EXPORT_INFO_FILE
-    from .model import resolve_path
+    from .model import keep_training_matmul
+    from .source import resolve_path
 
     folder = Path(folder)
     load = json.loads((folder / EXPORT_INFO_FILE).read_text())["load"]
@@ -236,6 +237,7 @@ def load_adapter_plain(folder: str | os.PathLike) -> tuple[Any, Any]:
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:
         base.resize_token_embeddings(len(tokenizer))
     model = PeftModel.from_pretrained(base, str(folder)).eval()
+    keep_training_matmul(model)  # as the card's snippet does
     if load["autocast"]:
         # TRL trained LoRA and head in the compute dtype; holding them there makes score_ids autocast, as training did.
         for name, p in model.named_parameters():

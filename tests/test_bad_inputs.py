@@ -96,10 +96,10 @@ CASES: list[tuple[str, list[str], int, tuple[str, ...], dict[str, Any]]] = [
     ("margin-minus-inf", T("--slightly_better_margin=-inf"), 2, ("slightly_better_margin=-inf", "finite"), {}),
     ("verify-pairs-negative", T("--verify_pairs", "-1"), 2, ("verify_pairs=-1",), {}),
     (
-        "eval-dataset-and-fraction",
-        ["train", "--recipe", f"{W}/with_eval.yaml", "--eval_fraction", "0.2"],
+        "eval-dataset-and-fraction",  # both in one place (a recipe file's line vs a flag: the flag wins)
+        ["train", "--recipe", f"{W}/with_eval.yaml", "--eval_dataset", f"{W}/pairs.jsonl", "--eval_fraction", "0.2"],
         2,
-        ("eval_dataset", "with_eval.yaml:12", "command line --eval_fraction", "keep one"),
+        ("eval_dataset", "command line --eval_dataset", "command line --eval_fraction", "keep one"),
         {},
     ),
     (
@@ -229,6 +229,20 @@ CASES: list[tuple[str, list[str], int, tuple[str, ...], dict[str, Any]]] = [
     ("implicit-earlier-turn", D("earlier.jsonl"), 2, ("earlier.jsonl", "row 1", "differ in an earlier turn"), {}),
     ("implicit-first-turn", D("firstturn.jsonl"), 2, ("row 1", "inside the first Human turn"), {}),
     ("implicit-empty-response", D("prefixonly.jsonl"), 2, ("row 1", "response would be empty"), {}),
+    (
+        "implicit-rejected-is-the-prompt",  # an HH pair whose rejected text is the prompt alone (empty response)
+        D("hh_prompt_only.jsonl"),
+        2,
+        ("hh_prompt_only.jsonl", "row 2", "field 'rejected' is the shared prompt alone", "response would be empty"),
+        {},
+    ),
+    (
+        "auto-stray-prompt-row-5",  # implicit rows, one stray `prompt` key on row 5: named there, not on row 1
+        D("stray_prompt.jsonl"),
+        2,
+        ("stray_prompt.jsonl", "row 5: field(s) ['prompt']", "'explicit'", "row 1 is 'implicit'"),
+        {},
+    ),
     ("row-missing-field", D("missing_field.jsonl"), 2, ("missing_field.jsonl", "row 2", "'rejected'"), {}),
     ("row-empty-text", D("empty_chosen.jsonl"), 2, ("row 1", "field 'chosen' is empty"), {}),
     ("row-wrong-type", D("type_chosen.jsonl"), 2, ("type_chosen.jsonl", "row 2", "'chosen'"), {}),
@@ -625,6 +639,11 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     write_jsonl(w / "firstturn.jsonl", [{"chosen": hh.format(h="Hi A", a="x"), "rejected": hh.format(h="Hi B", a="y")}])
     write_jsonl(w / "prefixonly.jsonl", [{"chosen": "The answer is blue", "rejected": "The answer is blue and green"}])
+    hh_pairs = [
+        {"chosen": hh.format(h=f"Q{i}", a=f"A{i}"), "rejected": hh.format(h=f"Q{i}", a=f"B{i}")} for i in range(6)
+    ]
+    write_jsonl(w / "hh_prompt_only.jsonl", [hh_pairs[0], {**hh_pairs[1], "rejected": "\n\nHuman: Q1\n\nAssistant:"}])
+    write_jsonl(w / "stray_prompt.jsonl", [*hh_pairs[:4], {**hh_pairs[4], "prompt": "Q4"}, hh_pairs[5]])
     write_jsonl(w / "missing_field.jsonl", [pairs[0], {"prompt": "p", "chosen": "c"}])
     write_jsonl(w / "empty_chosen.jsonl", [{**pairs[0], "chosen": ""}, pairs[1]])
     write_jsonl(w / "type_chosen.jsonl", [pairs[0], {**pairs[1], "chosen": 5}])

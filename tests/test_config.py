@@ -70,3 +70,29 @@ def test_no_silent_zero_epoch_run_and_no_abbreviated_flags():
         parse_recipe(["--recipe", str(DEMO), "--num_train_epochs", "-1"])
     with pytest.raises(RecipeError, match="unknown field"):
         parse_recipe(["--recipe", str(DEMO), "--learning_rat", "1e-4"])
+
+
+def test_eval_split_from_the_command_line_wins_over_the_recipe(tmp_path, capsys):
+    """`--eval_fraction` over a recipe's `eval_dataset` (and `--eval_dataset` over a recipe's `eval_fraction`) wins
+    with a one-line notice, as every other flag does; both from one place is still an error naming both."""
+    text = DEMO.read_text()
+    line = next(i for i, x in enumerate(text.splitlines(), start=1) if x.startswith("eval_dataset:"))
+    capsys.readouterr()
+    _, _, d, _ = parse_recipe(["--recipe", str(DEMO), "--eval_fraction", "0.2"])
+    assert d.eval_fraction == 0.2 and d.eval_dataset is None
+    notices = [x for x in capsys.readouterr().err.splitlines() if "eval_" in x]
+    assert notices == [
+        f"[qrm] eval_fraction: the command line value 0.2 overrides eval_dataset "
+        f"'data/hh-rlhf-helpful/helpful-base.test.jsonl' from {DEMO}:{line} (eval pairs are held out of dataset instead)"
+    ]
+    with_fraction = tmp_path / "with_fraction.yaml"
+    with_fraction.write_text(text.replace("eval_dataset:", "# eval_dataset:") + "\neval_fraction: 0.1\n")
+    _, _, d, _ = parse_recipe(["--recipe", str(with_fraction), "--eval_dataset", "e.jsonl"])
+    assert d.eval_fraction == 0.0 and d.eval_dataset == "e.jsonl"
+    assert "eval_dataset: the command line value overrides eval_fraction 0.1" in capsys.readouterr().err
+    both = tmp_path / "both.yaml"
+    both.write_text(text + "\neval_fraction: 0.3\n")
+    with pytest.raises(RecipeError, match=rf"eval_dataset \({both}:{line}\) and eval_fraction \({both}:"):
+        parse_recipe(["--recipe", str(both)])
+    with pytest.raises(RecipeError, match=r"command line --eval_dataset\) and eval_fraction \(command line"):
+        parse_recipe(["--recipe", str(DEMO), "--eval_dataset", "e.jsonl", "--eval_fraction", "0.2"])

@@ -143,6 +143,10 @@ def test_export_layout_for_serving(exact: dict, adapter: Path) -> None:
     assert "problem_type: regression" in card and "RewardModel.from_pretrained" in card
     assert "function_to_apply" not in card and "qrm.reward_function" in card
     assert json.loads((out / "qrm_export.json").read_text())["tokenizer"]["chat_template"] == "qrm-plain"
+    assert (out / "chat_template.jinja").read_text().startswith("{{- bos_token -}}")  # training put BOS first
+    # Which clients take a decoder export, with the measured agreement (docs/serving.md has the full table).
+    assert "### Clients (decoder export)" in card and "`get_llm_for_sequence_regression`" in card
+    assert "0 in fp32, 2.5e-3 in its default bf16" in card
     assert '"eval_accuracy"' in card  # metrics.json
     assert "bnb_4bit_compute_dtype: float32" in card  # the recipe
 
@@ -189,7 +193,19 @@ def _pipeline_check(out: str, rows: list[list[str]]) -> dict:
             "qrm": [render_messages(p + c, plain, False) for p, c in convs],
             "qrm_gen": [render_messages(p, plain, True) for p, _ in convs],
             "rm_conv": rm.score_batch([p for p, _ in convs], [c for _, c in convs]),
-            "pipe_conv": [pipe(tok.apply_chat_template(p + c, tokenize=False))[0]["score"] for p, c in convs],
+            # The template writes BOS (for add_special_tokens=False clients); pipeline adds its own: drop the text copy.
+            "pipe_conv": [
+                pipe(tok.apply_chat_template(p + c, tokenize=False).removeprefix(tok.bos_token or ""))[0]["score"]
+                for p, c in convs
+            ],
+            "bos": tok.bos_token,
+            # A policy prompted with the generation prompt answers " text": re-rendered, that turn is the same text.
+            "symmetric": [
+                tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) + " " + c[0]["content"]
+                == tok.apply_chat_template(p + [{{**c[0], "content": " " + c[0]["content"]}}], tokenize=False)
+                == tok.apply_chat_template(p + c, tokenize=False)
+                for p, c in convs
+            ],
         }}))
         """
     )
@@ -208,8 +224,13 @@ def test_export_in_fresh_process_pipeline_equals_reward_model(exact: dict, short
         assert abs(p - r) < 1e-5
         assert abs(p - row["chosen_reward"]) < 1e-4
     assert any(r < 0 or r > 1 for r in result["pipe"])  # raw rewards, not sigmoid probabilities
-    assert result["template"] == result["qrm"] and result["template_gen"] == result["qrm_gen"]
+    # The tokenizer puts BOS first, so the shipped template renders it before qrm's plain layout.
+    bos = result["bos"]
+    assert bos == "<s>" and result["specials"][0] != []
+    assert result["template"] == [bos + t for t in result["qrm"]]
+    assert result["template_gen"] == [bos + t for t in result["qrm_gen"]]
     assert result["qrm_gen"][0] == "\n\nSystem: Be brief.\n\nHuman: What is 2 + 2?\n\nAssistant:"
+    assert all(result["symmetric"])
     for p, r in zip(result["pipe_conv"], result["rm_conv"], strict=True):
         assert abs(p - r) < 1e-5
 
@@ -255,7 +276,11 @@ def test_minilm_export_describes_itself_and_pipeline_gives_raw_reward(minilm_exp
     for p, r, row in zip(result["pipe"], result["rm"], rows, strict=True):
         assert abs(p - r) < 1e-5
         assert abs(p - row["chosen_reward"]) < 1e-4
+    assert result["bos"] is None  # [CLS] is no BOS: the template writes none, and renders what training rendered
+    card = (out / "README.md").read_text()
+    assert "### Clients (encoder export)" in card and "no: it reads `model.score`, which an encoder lacks" in card
     assert result["template"] == result["qrm"] and result["template_gen"] == result["qrm_gen"]
+    assert all(result["symmetric"])
     for p, r in zip(result["pipe_conv"], result["rm_conv"], strict=True):
         assert abs(p - r) < 1e-5
 

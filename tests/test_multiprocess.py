@@ -164,10 +164,11 @@ def test_eval_pairs_scored_once_across_ranks_with_one_process_metrics(reference:
     evals = {k for k in one if k.startswith("eval_")}
     assert {"eval_accuracy", "eval_loss", "eval_pairs"} <= evals
     # The weights are bit-identical (test above), but each rank scores its 5 pairs in batches padded to other widths
-    # than one process's 10, so rewards may differ in fp32 rounding: counts exact, the rest to 1e-6 relative.
+    # than one process's 10, so rewards may differ in fp32 rounding: counts exact, the rest to 1e-6 relative, or 1e-7
+    # absolute for the mean margin, a difference of rewards ~100x larger than itself (measured off by 7e-9).
     assert two["eval_pairs"] == one["eval_pairs"] == 10 and two["eval_accuracy"] == one["eval_accuracy"]
     for key in sorted(evals - {"eval_pairs", "eval_accuracy"}):
-        assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
+        assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-7), key
     verify = [json.loads(line) for line in (reference["out"] / "verify_pairs.jsonl").read_text().splitlines()]
     single_verify = [json.loads(line) for line in (single / "verify_pairs.jsonl").read_text().splitlines()]
     assert [v["prompt"] for v in verify] == [v["prompt"] for v in single_verify]

@@ -101,9 +101,7 @@ def test_skip_mode_counts_and_logs_nan_not_zero(tiny_llama, hh_small, tmp_path):
     assert trainer.state.log_history[-1]["nonfinite_skipped"] == 1
 
 
-def test_atomic_checkpoints_no_token_and_damaged_newest_is_skipped(
-    tiny_llama, hh_small, tmp_path, monkeypatch, caplog
-):
+def test_atomic_checkpoints_no_token_and_damaged_newest_is_skipped(tiny_llama, hh_small, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     out = tmp_path / "o"
     trainer = _build(tiny_llama, out, hh_small, "--save_strategy", "steps", "--save_steps", "2", "--hub_token", TOKEN)
@@ -140,9 +138,7 @@ def test_atomic_checkpoints_no_token_and_damaged_newest_is_skipped(
     assert any("checkpoint-4" in r.message and "adapter_model.safetensors" in r.message for r in caplog.records)
 
 
-def test_no_secret_in_any_byte_no_pickle_and_no_remote_code(
-    tiny_llama, hh_small, tmp_path, monkeypatch, capfd
-):
+def test_no_secret_in_any_byte_no_pickle_and_no_remote_code(tiny_llama, hh_small, tmp_path, monkeypatch, capfd):
     """A full run (checkpoints, per-step logging and evaluation, final reports) with a token in HF_TOKEN, another
     in the login file and a third as `hub_token` in the recipe: none reaches any file under output_dir or the log."""
     import huggingface_hub.constants

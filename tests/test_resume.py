@@ -218,7 +218,9 @@ def test_resume_refuses_changed_recipe_or_data_unless_forced(tiny_llama, pairs16
     err = capsys.readouterr().err
     assert rc == 2
     assert "checkpoint-2 was trained with learning_rate=0.005, this recipe says 0.002" in err, err
-    assert "learning_rate: 0.005" in (out / "qrm_recipe.yaml").read_text(), "a refused resume changed output_dir's provenance"
+    assert "learning_rate: 0.005" in (out / "qrm_recipe.yaml").read_text(), (
+        "a refused resume changed output_dir's provenance"
+    )
 
     write_jsonl(data, hh_rows(17)[1:])  # same path and recipe, different pairs
     rc, _ = _main_in_process([*base, "--max_steps", "4"])

@@ -213,9 +213,94 @@ def test_adapter_dir_scores_conversations_like_its_export(rm_adapter, rm) -> Non
     assert fn(prompts, completions) == pytest.approx(rm.score_batch(prompts, completions), abs=1e-5)
 
 
-def test_readme_pipeline_snippet_runs_as_written(rm_export, rm, tmp_path, monkeypatch, capsys) -> None:
-    """The README's transformers-pipeline snippet, verbatim: default settings give qrm's raw reward, for plain text and
-    for a conversation rendered by the export's chat template."""
-    _, lines = _run_readme_snippet("### transformers pipeline", rm_export["out_dir"], tmp_path, monkeypatch, capsys)
+def test_readme_pipeline_snippet_runs_as_written(tmp_path, monkeypatch, capsys) -> None:
+    """The README's transformers-pipeline snippet, verbatim, on a MiniLM export (the snippet's `demo-minilm`): default
+    settings give qrm's raw reward, for plain text and for a conversation rendered by the export's chat template.
+    (A decoder export's template also writes BOS, which `pipeline` adds again: see docs/serving.md.)"""
+    from conftest import MINILM
+    from tiny_exports import seeded_export
+
+    export = seeded_export(MINILM, tmp_path / "minilm-export")
+    rm = RewardModel.from_pretrained(export, device="cpu")
+    _, lines = _run_readme_snippet("### transformers pipeline", str(export), tmp_path, monkeypatch, capsys)
     want = rm.score("\n\nHuman: What is 2 + 2?\n\nAssistant:", " 4")
     assert [float(x) for x in lines] == pytest.approx([want, want], abs=1e-5)
+
+
+def test_rloo_with_a_policy_of_another_tokenizer(tiny_llama, tmp_path, capsys) -> None:
+    """TRL's real `RLOOTrainer`, 2 steps, with `qrm.reward_function` of a MiniLM export while the policy is a Llama:
+    the prompts carry the policy's `<s>` (as a template that writes `{{ bos_token }}` renders them). With
+    `policy_tokenizer` the rewards TRL receives are `qrm score`'s for the texts without it; without, `<s>` is scored
+    as words."""
+    from conftest import MINILM
+    from datasets import Dataset
+    from tiny_exports import seeded_export
+    from transformers import AutoTokenizer
+    from trl import RLOOConfig, RLOOTrainer
+
+    export = seeded_export(MINILM, tmp_path / "minilm-export")
+    fn = qrm.reward_function(export, batch_size=4, policy_tokenizer=tiny_llama)
+    calls: list[dict] = []
+
+    def recorded(prompts, completions, **kwargs):
+        rewards = fn(prompts, completions, **kwargs)
+        calls.append({"prompts": prompts, "completions": completions, "rewards": rewards})
+        return rewards
+
+    recorded.__name__ = fn.__name__
+    args = RLOOConfig(
+        output_dir=str(tmp_path / "rloo"), per_device_train_batch_size=2, num_generations=2, max_completion_length=8,
+        max_steps=2, learning_rate=1e-3, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
+        save_strategy="no", disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = RLOOTrainer(
+        model=str(tiny_llama),
+        reward_funcs=recorded,
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": "<s>" + p} for p in PLAIN_PROMPTS]),
+        processing_class=AutoTokenizer.from_pretrained(tiny_llama),
+    )
+    trainer.train()
+    assert len(calls) == 2
+    prompts = [p for c in calls for p in c["prompts"]]
+    completions = [x for c in calls for x in c["completions"]]
+    got = [r for c in calls for r in c["rewards"]]
+    assert all(p.startswith("<s>") for p in prompts) and len(got) == 4
+    rm = fn.reward_model
+    want = rm.score_batch([p.removeprefix("<s>") for p in prompts], completions)
+    delta = max(abs(a - b) for a, b in zip(got, want, strict=True))
+    assert delta < 1e-6
+    as_words = qrm.reward_function(rm)(prompts, completions)
+    words = max(abs(a - b) for a, b in zip(as_words, want, strict=True))
+    assert words > 1e-5
+    with capsys.disabled():
+        print(f"\nRLOOTrainer, Llama policy, MiniLM export: policy_tokenizer {delta:.2g}, without {words:.3g}")
+    logged = [h[f"rewards/{fn.__name__}/mean"] for h in trainer.state.log_history if f"rewards/{fn.__name__}/mean" in h]
+    assert logged == pytest.approx([sum(c["rewards"]) / 2 for c in calls], abs=1e-5)
+
+
+def test_trl_get_reward_on_a_decoder_export_and_not_an_encoder(rm, tmp_path, capsys) -> None:
+    """TRL's PPO-era reward utility (`trl.experimental.utils.get_reward`, TRL 1.16) on qrm's ids: a decoder export
+    gives `qrm score`'s rewards; an encoder export cannot be used (it reads `model.score`, BERT's head is
+    `classifier`)."""
+    import torch
+    from conftest import MINILM
+    from tiny_exports import seeded_export
+    from transformers import AutoModelForSequenceClassification
+    from trl.experimental.utils import get_reward
+
+    pairs = [(p, " 4") for p in PLAIN_PROMPTS] + [(PLAIN_PROMPTS[1], " Blue, like the sky.")]
+    ids = rm.tokenize([p for p, _ in pairs], [c for _, c in pairs])
+    pad = rm.tokenizer.pad_token_id
+    batch = torch.full((len(ids), max(map(len, ids))), pad)
+    for i, x in enumerate(ids):
+        batch[i, : len(x)] = torch.tensor(x)
+    with torch.no_grad():
+        _, got, _ = get_reward(rm.model, batch, pad, 0)
+    delta = max(abs(a - b) for a, b in zip(got.tolist(), rm.score_batch(*zip(*pairs, strict=True)), strict=True))
+    assert delta < 1e-5
+    encoder = AutoModelForSequenceClassification.from_pretrained(seeded_export(MINILM, tmp_path / "minilm"))
+    with pytest.raises(AttributeError, match="score"):
+        get_reward(encoder, batch.clamp(max=100), 0, 0)
+    with capsys.disabled():
+        print(f"\nTRL get_reward on the tiny Llama export vs qrm score: {delta:.2g} ({len(pairs)} texts)")

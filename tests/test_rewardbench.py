@@ -39,15 +39,25 @@ def test_scores_equal_hand_computation() -> None:
     }
     assert rb["subsets"]["alpacaeval-hard"]["skipped"] == 1 and rb["subsets"]["my-extra"]["section"] is None
     sections = {k: v["score"] for k, v in rb["sections"].items()}
-    # Chat: (1.0 * 100 + 0.5 * 40) / (100 + 40) = 120 / 140 = 0.857143 (alpacaeval-hard drops out of the weights).
+    # Chat: (1.0 * 100 + 0.5 * 40) / (100 + 40) = 120 / 140 = 0.857143 over the scored pairs, but alpacaeval-hard's
+    # pair is unscored: RewardBench scores every pair, so Chat is partial and has no section score.
     # Chat Hard: (0.0 * 100 + 0.5 * 37) / (100 + 37) = 18.5 / 137 = 0.135036.
     # Reasoning: math-prm weighs 984, as much as the six hep-* subsets of 164:
     #   (1.0 * 984 + 0.5 * 164) / (984 + 164) = 1066 / 1148 = 0.928571.
     # Safety: no subset in the file, so no section.
-    assert sections == pytest.approx({"Chat": 0.857142857, "Chat Hard": 0.135036496, "Reasoning": 0.928571429})
+    assert sections == pytest.approx({"Chat": None, "Chat Hard": 0.135036496, "Reasoning": 0.928571429})
+    chat = rb["sections"]["Chat"]
+    assert chat["partial"] and chat["unscored"] == 1 and chat["partial_accuracy"] == pytest.approx(0.857142857)
     assert rb["sections"]["Chat"]["subsets"] == ["alpacaeval-easy", "mt-bench-med"]
-    # Overall: mean of the three present sections = (0.857143 + 0.135036 + 0.928571) / 3 = 0.640250.
-    assert rb["score"] == pytest.approx(0.640250261)
+    # A partial section makes the overall score no RewardBench score either.
+    assert rb["score"] is None and rb["partial_sections"] == ["Chat"]
+    # Every pair scored: the overall is the mean of the three sections = (0.857143 + 0.135036 + 0.928571) / 3.
+    full = rewardbench_scores(
+        [r["subset"] for r in rows if r["subset"] != "alpacaeval-hard"],
+        [words(r["chosen"]) for r in rows if r["subset"] != "alpacaeval-hard"],
+        [[words(t) for t in r["rejected"]] for r in rows if r["subset"] != "alpacaeval-hard"],
+    )
+    assert full["partial_sections"] == [] and full["score"] == pytest.approx(0.640250261)
 
 
 def test_no_known_subset_gives_no_score() -> None:
@@ -81,6 +91,7 @@ def export(tiny_llama, tmp_path_factory) -> Path:
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1)
     model.config.pad_token_id = tok.pad_token_id
+    model.config.max_position_embeddings = 96  # the model's own limit, above the training max_length
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "qrm_recipe.yaml").write_text("max_length: 64\n")
@@ -108,9 +119,15 @@ def test_cli_writes_rewardbench_into_metrics_and_report(export, tmp_path) -> Non
     assert {k: sum(v) / len(v) for k, v in by.items()} == {
         k: g["accuracy"] for k, g in rb["subsets"].items() if g["accuracy"] is not None
     }
-    assert rb["subsets"]["alpacaeval-hard"]["skipped"] == 1  # 300 words do not fit max_length 64
+    # Every pair scored, as RewardBench scores them: fitted to the model's 96 positions (above max_length 64); the
+    # 300-word response alone does not fit, so it keeps its last 96 tokens and is counted.
+    assert all(r["chosen_reward"] is not None and None not in r["rejected_rewards"] for r in records)
+    assert rb["fit"] == {"max_length": 96, "training_max_length": 64, "rows_prompt_cut": 0, "rows_response_cut": 1}
+    assert rb["subsets"]["alpacaeval-hard"]["skipped"] == 0 and rb["subsets"]["alpacaeval-hard"]["response_cut"] == 1
+    assert rb["partial_sections"] == [] and rb["score"] is not None
     report = (out / "report.md").read_text()
     assert "## RewardBench" in report and "| Chat Hard |" in report and "| hep-python |" in report
+    assert "1 a response cut to its last tokens" in report
     # Alone (no --data), the RewardBench scores are the report.
     out2 = tmp_path / "eval2"
     assert main(["--model", str(export), "--rewardbench", str(MINI), "--out", str(out2)]) == 0
@@ -123,3 +140,32 @@ def test_cli_names_a_bad_row_before_loading_the_model(export, tmp_path, capsys) 
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "c", "subset": "s"}])
     assert main(["--model", str(export), "--rewardbench", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "row 1: missing field 'rejected'" in capsys.readouterr().err
+
+
+def test_long_prompt_is_cut_from_the_left_as_in_training(export, tmp_path) -> None:
+    """A pair over the position limit keeps both responses whole and loses the prompt's start, as training does;
+    its rewards equal `RewardModel` scoring the kept prompt tail."""
+    from qrm.rewardbench import evaluate_rewardbench
+    from qrm.score import RewardModel, tokenize_responses
+
+    rm = RewardModel.from_pretrained(export, device="cpu")
+    prompt = " ".join(hh_rows(1)[0]["chosen"].split()[:150])
+    path = write_jsonl(tmp_path / "rb.jsonl", [
+        {"prompt": prompt, "chosen": "Yes, gladly.", "rejected": "No.", "subset": "llmbar-natural"},
+        {"prompt": "Hi?", "chosen": "Hello there.", "rejected": "Go away.", "subset": "llmbar-natural"},
+    ])  # fmt: skip
+    rb, records = evaluate_rewardbench(rm, path)
+    assert rb["fit"]["rows_prompt_cut"] == 1 and rb["subsets"]["llmbar-natural"]["prompt_cut"] == 1
+    assert [r["prompt_cut"] for r in records] == [True, False] and rb["sections"]["Chat Hard"]["score"] is not None
+    from qrm.rewardbench import conversation_texts
+
+    head, tail = conversation_texts(prompt, "Yes, gladly.", rm.tokenizer)
+    ids = tokenize_responses(rm.tokenizer, [head], [tail], 96)[0]
+    assert len(ids) == 96 and ids[0] == rm.tokenizer.bos_token_id  # BOS kept, the prompt's start cut
+    assert records[0]["chosen_reward"] == pytest.approx(_score(rm, ids), abs=1e-6)
+
+
+def _score(rm, ids) -> float:
+    from qrm.score import score_ids
+
+    return score_ids(rm.model, [ids], rm.tokenizer.pad_token_id)[0]

@@ -286,6 +286,7 @@ def test_bad_model_path_refused_before_loading(tmp_path) -> None:
         (["--model", str(tmp_path / "missing")], "no such directory"),
         (["--model", str(tmp_path)], "neither config.json"),
         (["--model", str(tmp_path), "--api-key-env", "QRM_SURELY_UNSET_VAR"], None),
+        (["--model", str(tmp_path), "--policy-tokenizer", str(tmp_path / "no-tok")], "--policy-tokenizer"),
     ):
         if needle is None:
             (tmp_path / "config.json").write_text("{}")
@@ -315,3 +316,23 @@ def test_openrlhf_inputs_strip_bert_specials(minilm_tokenizer) -> None:
     assert len(long_ids[0]) == 64 and cut == [True]
     assert long_ids[0][0] == tok.cls_token_id and long_ids[0].count(tok.cls_token_id) == 1
     assert long_ids[0][-1] == tok.sep_token_id and long_ids[0][-2] != tok.sep_token_id
+
+
+def test_policy_special_tokens_are_removed_before_scoring(minilm_tokenizer, tiny_llama) -> None:
+    """A Llama policy's `<s>`/`</s>` in a query for a MiniLM reward model (which would read them as words) are removed:
+    the ids equal `qrm score`'s; its own [CLS]/[SEP] are still handled as before."""
+    from transformers import AutoTokenizer
+
+    from qrm.policy_text import PolicySpecials, openrlhf_inputs
+    from qrm.score import tokenize_responses
+
+    tok, policy = minilm_tokenizer, PolicySpecials(AutoTokenizer.from_pretrained(tiny_llama), minilm_tokenizer)
+    assert {"<s>", "</s>", "<pad>", "<unk>"} <= set(policy.texts) and "[CLS]" not in policy.texts
+    prompt, response = "\n\nHuman: how do i bake bread?\n\nAssistant:", " mix flour, water and yeast."
+    want = tokenize_responses(tok, [prompt], [response], 128)[0]
+    queries = ["<s>" + prompt + response + "</s>", "<s> " + prompt + response + "</s></s>", prompt + response]
+    ids, split, _ = openrlhf_inputs(tok, queries, ["<s>" + prompt, prompt, prompt], 128, policy)
+    assert ids == [want] * 3 and split == [True] * 3
+    words, _, _ = openrlhf_inputs(tok, queries[:1], ["<s>" + prompt], 128)  # without: "<s>" scored as words
+    assert words[0] != want
+    assert policy([[{"role": "user", "content": "hi</s>"}], "a</s>"]) == [[{"role": "user", "content": "hi"}], "a"]

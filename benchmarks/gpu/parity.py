@@ -91,6 +91,31 @@ def compare(a: tuple[Any, dict], b: tuple[Any, dict]) -> dict[str, float]:
     return out
 
 
+def inference_vs_training(model: Any, pairs: list[dict], autocast: Any, tokens: int = 48) -> dict[str, Any]:
+    """Rewards of short sequences (the last `tokens` of each of the first 4 pairs' chosen ids) scored as `qrm score`
+    scores them (no grad: bitsandbytes' `matmul_4bit` calls its fused `gemm_4bit` op, a custom CUDA kernel for few
+    rows, bitsandbytes/backends/cuda/ops.py `_gemm_4bit_use_custom_cuda`) against the training path (inputs that
+    need grad: dequantize + linear in `MatMul4Bit`). The difference is what an export's verification or a server
+    sees beside the rewards training computed."""
+    import torch
+
+    dev = next(p.device for p in model.parameters())
+    ids = [torch.tensor([p["chosen_ids"][-tokens:]], device=dev) for p in pairs[:4]]
+    with torch.no_grad(), autocast():
+        infer = torch.cat([model(input_ids=x).logits[:, 0].float() for x in ids])
+    with torch.enable_grad(), autocast():
+        embed = model.get_input_embeddings()
+        train = torch.cat([model(inputs_embeds=embed(x).detach().requires_grad_()).logits[:, 0].float() for x in ids])
+    diff = (infer - train.detach()).abs().max().item()
+    top = train.detach().abs().max().item()
+    return {
+        "sequences": len(ids),
+        "tokens": tokens,
+        "reward_max_abs_diff": diff,
+        "reward_rel_diff": diff / max(top, 1e-12),
+    }
+
+
 def run_side(model: Any, batches: list[dict[str, Any]], packed: bool, autocast: Any, sync: Any) -> dict[str, Any]:
     """Results of the first batch, and the time of the others (after one untimed warm-up batch)."""
     first = step(model, batches[0], packed, autocast)
@@ -139,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         "recipe_dir": str(args.recipe_dir.relative_to(ROOT)),
         "dry_run": args.dry_run,
     }
-    res["settings"] = {"pairs_per_step": args.batch, "steps": args.batches, "max_length": args.max_length}
-    res["settings"]["compute_dtype"] = compute
+    res["settings"] = {"pairs_per_step": args.batch, "steps": args.batches, "max_length": args.max_length,
+                       "compute_dtype": compute}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="qrm-gpu-parity-") as work:
         model_dir = build_backbone(args.recipe_dir, Path(work) / "model", tiny=args.dry_run)
         model, tok = build_model(model_dir, compute, "sdpa")
@@ -166,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         flash: dict[str, Any] = {"ran": has_flash, "kernel": "flash_attention_2" if has_flash else None}
         if not has_flash:
             flash["why_not"] = "no CUDA (dry run)" if not cuda else "flash_attn is not installed"
-        # flash-attn takes sequence boundaries only: packing without prefix sharing. The dry run checks that
-        # layout on sdpa, so the code path runs everywhere; with flash-attn it runs on the varlen kernel.
+        # packing without sharing (flash-attn takes boundaries only): on sdpa without flash-attn, else varlen
         if has_flash:
             del model
             model, _ = build_model(model_dir, compute, "flash_attention_2")
@@ -177,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         flash.update(compare(flash_side["first"], trl_side["first"]))
         flash["pairs_per_s"] = timed_pairs / flash_side["seconds"]
         res["varlen_packing_vs_trl_padded"] = flash
+        # last: a no-grad forward may repack 4-bit weights for the CPU's AVX512-BF16 kernel (bitsandbytes
+        # Linear4bit.forward), which would change every later CPU forward
+        res["inference_vs_training_4bit_path"] = inference_vs_training(model, pairs, autocast)
     res["versions"] = library_versions()
     _write(res, device, args.out_dir)
     return 0
