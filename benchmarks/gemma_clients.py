@@ -57,7 +57,7 @@ def step_merge(adapter: Path, export: Path) -> dict[str, Any]:
     res = merge(adapter, export, method="exact", dtype="float32")
     v = res["verification"]
     assert v["passed"], v
-    keys = ("max_abs_delta", "mean_abs_delta", "spearman", "pairwise_agreement", "n_pairs", "passed")
+    keys = ("max_abs_delta", "mean_abs_delta", "spearman", "pairwise_agreement", "pairs", "passed")
     return {"seconds": round(time.perf_counter() - t0, 1), **{k: v.get(k) for k in keys}}
 
 
@@ -134,7 +134,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def step_vllm(export: Path, vllm_python: str, n: int, work: Path, start_s: int = 1200) -> dict[str, Any]:
+def step_vllm(
+    export: Path, vllm_python: str, n: int, work: Path, extra: list[str] | None = None, start_s: int = 1200
+) -> dict[str, Any]:
     from qrm import RewardModel
 
     prompts, responses = _texts(n)
@@ -143,7 +145,8 @@ def step_vllm(export: Path, vllm_python: str, n: int, work: Path, start_s: int =
     port = _free_port()
     log_path = work / "vllm_server.log"
     cmd = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(export), "--runner", "pooling",
-           "--dtype", "float32", "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+           "--dtype", "float32", "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port),
+           *(extra or [])]  # fmt: skip
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -170,7 +173,7 @@ def step_vllm(export: Path, vllm_python: str, n: int, work: Path, start_s: int =
             proc.terminate()
             proc.wait(timeout=60)
     delta = max(abs(a - b) for a, b in zip(got, want, strict=True))
-    return {"served": True, "texts": n, "max_abs_delta": delta, "passed": delta < 1e-4}
+    return {"served": True, "args": extra or [], "texts": n, "max_abs_delta": delta, "passed": delta < 1e-4}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -225,7 +225,9 @@ def write(args: argparse.Namespace, model: Path, health: dict, rounds: list[dict
         "rounds": [{k: v for k, v in x.items() if k != "rewards"} for x in rounds],
     }
     shape = "" if args.texts_per_request == 1 else f"-{args.texts_per_request}-texts-per-request"
-    out = Path(args.out) / f"serve_{slug}{shape}.json"
+    # one file per (device, model, load shape): a run on another model never replaces the default model's record
+    tag = "-" + re.sub(r"[^a-z0-9]+", "-", Path(args.model).name.lower()).strip("-") if args.model else ""
+    out = Path(args.out) / f"serve_{slug}{tag}{shape}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")

@@ -11,10 +11,9 @@ at a time in the order of a meta-device skeleton of the plain `*ForSequenceClass
 becomes `dequantize_4bit(W) + scale * B @ A` (fp32), the head comes from PEFT's modules_to_save copy, the rest is
 copied; each tensor is cast to the stored dtype and appended to a safetensors shard flushed at `max_shard_size`.
 `base` reads each quantized layer's original weight from the base model's safetensors files instead. Peak memory:
-the 4-bit model, one layer's fp32 temporaries and one shard, never the whole merged model.
-
-Tokenizer: `qrm.export_tokenizer`; verification in a fresh process: `qrm.verify` (figures in verification.json and
-the card, `qrm.card`); a failed check raises `VerificationError`."""
+the 4-bit model, one layer's fp32 temporaries and one shard, never the whole merged model. Tokenizer:
+`qrm.export_tokenizer`; verification in a fresh process: `qrm.verify` (figures in verification.json and the card,
+`qrm.card`); a failed check raises `VerificationError`."""
 
 from __future__ import annotations
 
@@ -93,8 +92,6 @@ def merge(
     batch_size: int = 16,
 ) -> dict[str, Any]:
     """Merge the adapter in `adapter_dir` into a standalone model in `out_dir`, verify it, return the summary.
-
-    The algorithm and its peak memory are in the module docstring.
 
     Args:
         adapter_dir (`str` or `os.PathLike`):
@@ -456,6 +453,10 @@ def _merged_tensor(live: Any, name: str, attr: str, method: str, original: Any, 
     return value
 
 
+# vLLM 0.32 maps Gemma3Text* to its Gemma3Model (no `model.` prefix: the load fails), Gemma3For* to Gemma3ForCausalLM.
+VLLM_ARCHITECTURE = {"Gemma3TextForSequenceClassification": "Gemma3ForSequenceClassification"}
+
+
 def _export_config(config: Any, out_dtype: Any, pad_token_id: int | None, architecture: str) -> Any:
     """The plain model's config: no quantization, one regression label, the exported class, a pad token, the stored
     dtype."""
@@ -466,8 +467,9 @@ def _export_config(config: Any, out_dtype: Any, pad_token_id: int | None, archit
     cfg.num_labels = 1
     # A reward is a regression output: pipeline("text-classification") and vLLM then return it raw, not sigmoid(r).
     cfg.problem_type = "regression"
-    # The base's own class (LlamaForCausalLM, BertModel) would make vLLM build the wrong model.
-    cfg.architectures = [architecture]
+    # The base's own class (LlamaForCausalLM, BertModel) would make vLLM build the wrong model; vLLM's name for some
+    # classes differs (VLLM_ARCHITECTURE). transformers builds the class from model_type, not from this list.
+    cfg.architectures = [VLLM_ARCHITECTURE.get(architecture, architecture)]
     cfg.pad_token_id = pad_token_id
     cfg.dtype = out_dtype
     return cfg

@@ -165,3 +165,36 @@ def test_real_gemma_trains_and_its_adapter_scores_back(gemma_dir: Path, tmp_path
     want = torch.tensor([r["chosen_reward"] for r in rows] + [r["rejected_reward"] for r in rows])
     got = torch.tensor(chosen + rejected)
     assert want.abs().max() > 0.05 and (got - want).abs().max() < 1e-4 * want.abs().max(), (got, want)
+
+
+def test_gemma3_export_names_the_class_vllm_loads(tmp_path: Path) -> None:
+    """A Gemma 3 export declares `Gemma3ForSequenceClassification`: vLLM 0.32 maps transformers' own name,
+    Gemma3TextForSequenceClassification, to a model without the `model.` prefix and refuses the weights (measured:
+    benchmarks/gemma_clients.py). transformers still builds the text class from model_type, with the same rewards."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from benchmarks.tiny import build_tiny_model
+    from qrm.export import merge
+    from qrm.score import RewardModel
+    from qrm.train import train
+
+    texts = [r["chosen"] for r in hh_rows(200)]
+    base = build_tiny_model(tmp_path / "base", AutoConfig.from_pretrained(ROOT / "recipes" / "gemma-3-270m"), texts)
+    out = tmp_path / "adapter"
+    flags = {
+        "model_name_or_path": base, "dataset": write_jsonl(tmp_path / "pairs.jsonl", hh_rows(40)),
+        "dataset_format": "implicit", "eval_fraction": 0.25, "bnb_4bit_compute_dtype": "float32", "bf16": "false",
+        "output_dir": out, "max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "max_length": 96,
+        "lora_r": 4, "lora_alpha": 8, "activation_checkpointing": "false", "save_strategy": "no",
+        "eval_strategy": "no", "report_to": "none", "disable_tqdm": "true",
+    }  # fmt: skip
+    train(*parse_recipe([x for k, v in flags.items() for x in (f"--{k}", str(v))]))
+    res = merge(out, tmp_path / "export", method="exact", dtype="float32")
+    assert res["verification"]["passed"]
+    export = Path(res["out_dir"])
+    config = json.loads((export / "config.json").read_text())
+    assert config["architectures"] == ["Gemma3ForSequenceClassification"] and config["problem_type"] == "regression"
+    model = AutoModelForSequenceClassification.from_pretrained(export)
+    assert type(model).__name__ == "Gemma3TextForSequenceClassification"
+    rm = RewardModel.from_pretrained(export, device="cpu")
+    assert type(rm.model).__name__ == "Gemma3TextForSequenceClassification"
