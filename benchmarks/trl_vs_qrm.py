@@ -314,7 +314,8 @@ def _check_qrm_flags(args: argparse.Namespace, flags: list[str], work: Path) -> 
     if clash:
         raise SystemExit(f"trl_vs_qrm: --qrm-flags may not change shared settings: {', '.join(clash)}")
     if qrm_flags:  # the other flags are ours; importing the training stack here would cost every run seconds
-        from qrm.config import RecipeError, parse_recipe
+        from qrm.config import parse_recipe
+        from qrm.errors import RecipeError
 
         try:
             parse_recipe([*flags, "--output_dir", str(work / "runs" / "check"), *qrm_flags])

@@ -17,7 +17,7 @@ __all__ = ["RewardModel", "__version__", "reward_function"]
 def __getattr__(name: str):
     # Keep `import qrm` light: torch and transformers load only when the API is used.
     if name == "RewardModel":
-        from .score import RewardModel
+        from .reward_model import RewardModel
 
         return RewardModel
     if name == "reward_function":

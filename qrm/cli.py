@@ -20,6 +20,8 @@ import time
 import traceback
 from typing import Any
 
+from .errors import FlagError, UserError, VerificationError
+
 COMMANDS = {
     "train": ("qrm.train", "train a reward model from a recipe"),
     "plan": ("qrm.plan", "estimate peak GPU memory for a recipe before launch"),
@@ -34,21 +36,6 @@ COMMANDS = {
 USER_ERROR_EXIT = 2
 INTERNAL_ERROR_EXIT = 70  # sysexits.h EX_SOFTWARE
 INTERRUPTED_EXIT = 130
-
-# Exceptions that mean "the input is wrong", by module; looked up only among modules already imported (an exception
-# of a module that was never imported cannot have been raised), so the handler imports nothing heavy.
-USER_ERRORS = {
-    "qrm.cli": ("FlagError",),
-    "qrm.config": ("RecipeError",),
-    "qrm.data": ("DataError",),
-    "qrm.export": ("ExportError",),
-    "qrm.hub": ("PushError",),
-    "qrm.source": ("SourceError",),
-}
-
-
-class FlagError(ValueError):
-    """A command-line flag with a value that cannot be used; the message names the flag."""
 
 
 def check_flags(prog: str, **checks: Any) -> None:
@@ -112,11 +99,7 @@ def user_error(prog: str, exc: BaseException) -> int:
 def _is_user_error(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and getattr(exc, "filename", None) is not None:
         return True  # permission denied, no space left, not a directory ...: about a path the user gave
-    for module, names in USER_ERRORS.items():
-        mod = sys.modules.get(module)
-        if mod is not None and isinstance(exc, tuple(getattr(mod, n) for n in names if hasattr(mod, n))):
-            return True
-    return False
+    return isinstance(exc, UserError)  # every error type meaning "the input is wrong" (qrm.errors)
 
 
 def internal_error(prog: str, exc: BaseException) -> int:
@@ -150,8 +133,7 @@ def run(cmd: str, argv: list[str]) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT
     except Exception as exc:
-        verification = getattr(sys.modules.get("qrm.export"), "VerificationError", None)
-        if verification is not None and isinstance(exc, verification):
+        if isinstance(exc, VerificationError):
             print(f"{prog}: {exc}", file=sys.stderr)
             return 1
         if _is_user_error(exc):

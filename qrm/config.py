@@ -15,7 +15,11 @@ from typing import Any
 
 from trl import RewardConfig
 
+from .errors import RecipeError
+from .files import RECIPE_FILE
+
 DATASET_FORMATS = ("auto", "explicit", "implicit", "conversational", "sharegpt", "ratings")
+DEFAULT_MAX_LENGTH = 1024  # TrainingArguments.max_length's default; a resolved recipe at the default omits the key
 
 
 @dataclass
@@ -105,7 +109,9 @@ class DataArguments:
 class TrainingArguments(RewardConfig):
     """TRL's RewardConfig plus qrm's switches."""
 
-    max_length: int | None = field(default=1024, metadata={"help": "Tokens per sequence; prompt truncated left."})
+    max_length: int | None = field(
+        default=DEFAULT_MAX_LENGTH, metadata={"help": "Tokens per sequence; prompt truncated left."}
+    )
     skip_nonfinite_steps: bool = field(
         default=False,
         metadata={"help": "Skip (and count) steps with a NaN/Inf loss or gradient instead of stopping the run."},
@@ -176,10 +182,6 @@ MACHINE_KEYS = frozenset({"use_cpu", "local_rank", "logging_dir"})
 RUN_CONTROL_KEYS = frozenset({"resume", "resume_force", "resume_from_checkpoint", "replace_output_dir"})
 
 RECIPE_DATACLASSES = (ModelArguments, LoraArguments, DataArguments, TrainingArguments)
-
-
-class RecipeError(ValueError):
-    """A recipe or an override that cannot be used."""
 
 
 def _field_names() -> dict[str, str]:
@@ -564,3 +566,30 @@ def resolved_recipe(configs: dict[str, Any]) -> dict[str, Any]:
     import yaml
 
     return yaml.safe_load(yaml.safe_dump(_recipe_fields_only(configs), sort_keys=True)) or {}
+
+
+# ------------------------------------------------------------------------------------ a trained model's recipe
+
+
+def read_recipe(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """(ModelArguments, raw recipe mapping) from the qrm_recipe.yaml in `path`.
+
+    Only the model fields are rebuilt: scoring needs nothing else, and the training fields of a resolved recipe
+    may hold values (redacted or placeholder strings) that a full re-parse would reject."""
+    import yaml
+
+    recipe_file = Path(path) / RECIPE_FILE
+    if not recipe_file.is_file():
+        raise FileNotFoundError(f"{path}: no {RECIPE_FILE}; was it written by qrm train?")
+    recipe = yaml.safe_load(recipe_file.read_text()) or {}
+    names = {f.name for f in fields(ModelArguments) if f.init}
+    margs = ModelArguments(**{k: v for k, v in recipe.items() if k in names})
+    return margs, recipe
+
+
+def recipe_max_length(recipe: dict[str, Any]) -> int:
+    """The max_length training tokenized with (the dataclass default when the resolved recipe omits it).
+
+    Args:
+        recipe (`dict`): the mapping `read_recipe` returns."""
+    return int(recipe.get("max_length") or DEFAULT_MAX_LENGTH)

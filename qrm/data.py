@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import DataArguments
-from .data_files import LOCAL_SUFFIXES, DataError, check_text_file, load_rows  # noqa: F401 - public here too
+from .data_files import LOCAL_SUFFIXES, check_text_file, load_rows  # noqa: F401 - public here too
+from .errors import DataError
 from .formats import (  # noqa: F401 - public here too
     check_declared_format,
     check_rows_share_format,

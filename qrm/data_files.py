@@ -9,11 +9,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .errors import DataError
+
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".tsv": "csv"}
-
-
-class DataError(ValueError):
-    """Malformed preference data; the message names the file, the row and the field."""
 
 
 def load_rows(source: str, split: str = "train") -> tuple[Any, str]:
@@ -49,7 +47,7 @@ def load_rows(source: str, split: str = "train") -> tuple[Any, str]:
         finally:
             ds_logging.set_verbosity(level)
         return ds, str(path)
-    from .hub import offline_variable
+    from .files import offline_variable
 
     if HUB_DATASET_ID.match(source) and not source.startswith((".", "/", "~")):
         if offline := offline_variable():

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qrm.config import RecipeError
+from .errors import LaunchError
 
 logger = logging.getLogger("qrm")
 
@@ -29,10 +29,6 @@ _TRUE = {"1", "true", "yes", "y", "on", "t"}
 # FSDP's param dtype (accelerate's FullyShardedDataParallelPlugin.set_mixed_precision) and DeepSpeed's
 # weight dtype per accelerate mixed-precision mode; "no" leaves the parameters in fp32.
 PARAM_DTYPE = {"bf16": "bfloat16", "fp8": "bfloat16", "fp16": "float16", "no": "float32"}
-
-
-class LaunchError(RecipeError):
-    """The recipe cannot run under the launcher it was started with."""
 
 
 @dataclass(frozen=True)
@@ -305,8 +301,8 @@ def _is_sharded_module(model: Any) -> bool:
 def score_pairs_across_ranks(
     model: Any, rows: Sequence[dict], pad_token_id: int, batch_size: int = 16
 ) -> tuple[list[float], list[float]]:
-    """`qrm.score.score_pair_rows` split over the processes: each rank scores its contiguous share of the pairs once
-    and every rank gets all rewards back in the original order (a collective: call it on every rank).
+    """`qrm.reward_model.score_pair_rows` split over the processes: each rank scores its contiguous share of the pairs
+    once and every rank gets all rewards back in the original order (a collective: call it on every rank).
 
     Args:
         model (`torch.nn.Module`):
@@ -322,17 +318,17 @@ def score_pairs_across_ranks(
     """
     import torch.distributed as dist
 
-    from . import score
+    from . import reward_model
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return score.score_pair_rows(model, rows, pad_token_id, batch_size)
+        return reward_model.score_pair_rows(model, rows, pad_token_id, batch_size)
     world, rank = dist.get_world_size(), dist.get_rank()
     per = -(-len(rows) // world)
     mine = list(rows[rank * per : (rank + 1) * per])
     n = len(mine)
     if _is_sharded_module(model) and n < per and rows:
         mine += [mine[0] if mine else rows[0]] * (per - n)
-    chosen, rejected = score.score_pair_rows(model, mine, pad_token_id, batch_size) if mine else ([], [])
+    chosen, rejected = reward_model.score_pair_rows(model, mine, pad_token_id, batch_size) if mine else ([], [])
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, (chosen[:n], rejected[:n]))
     return [c for g in gathered for c in g[0]], [r for g in gathered for r in g[1]]

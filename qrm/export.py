@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import ExportError, FlagError, UserError, VerificationError
 from .files import (
     ADAPTER_FILES,
     ADAPTER_WEIGHTS,
@@ -50,18 +51,6 @@ DEFAULT_MIN_AGREEMENT = {"exact": 1.0, "base": 0.9, "adapter": 1.0}
 DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
 COPIED_FILES = (RECIPE_FILE, VERSIONS_FILE, METRICS_FILE)
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-
-
-class ExportError(Exception):
-    """An export that cannot go ahead; the message is meant for the user."""
-
-
-class VerificationError(ExportError):
-    """The export was written but does not reproduce the trained model well enough; `report` has the figures."""
-
-    def __init__(self, message: str, report: dict[str, Any]):
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass
@@ -120,7 +109,8 @@ def merge(
         before writing anything when the inputs are wrong, and `VerificationError` after writing when the export
         does not reproduce the trained model's pairwise decisions."""
     from .card import model_card
-    from .score import load_adapter_model, score_pair_rows
+    from .model import load_adapter_model
+    from .reward_model import score_pair_rows
     from .verify import failure_message, verification_pairs
 
     job = _prepare(adapter_dir, out_dir, method, dtype, min_agreement, force, adapter_only, max_shard_size)
@@ -165,7 +155,7 @@ def _prepare(
     max_shard_size: int | str,
 ) -> _Job:
     """Check every input before any weight is loaded or any file written."""
-    from .score import read_recipe
+    from .config import read_recipe
 
     if method not in METHODS:
         raise ExportError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
@@ -559,7 +549,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """`qrm merge`: 0 when the export is written and verified, 1 when verification failed, 2 on bad input."""
     args = _parser().parse_args(argv)
-    from .cli import FlagError, check_flags, check_out_path, user_error
+    from .cli import check_flags, check_out_path, user_error
 
     try:
         check_flags("qrm merge", batch_size=args.batch_size)
@@ -584,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VerificationError as e:
         print(f"qrm merge: {e}", file=sys.stderr)
         return 1
-    except (ExportError, FileNotFoundError, ValueError) as e:
+    except (UserError, FileNotFoundError) as e:
         return user_error("qrm merge", e)
     v = summary["verification"]
     what = "adapter" if summary["kind"] == "adapter" else f"{summary['method']} merge ({summary['dtype']})"

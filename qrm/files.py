@@ -1,5 +1,6 @@
 """The names of the files qrm writes and reads, and what kind of directory holds them: the one owner of that
-knowledge. Every module that opens one of these files takes its name from here."""
+knowledge. Every module that opens one of these files takes its name from here. Also the environment switch that
+says whether a name may be looked up on the Hub at all (offline mode)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,17 @@ def dir_kind(path: str | os.PathLike) -> str | None:
     if is_export_dir(path):
         return "export"
     return None
+
+
+# Hub offline mode: a model id or dataset id that is not local cannot be fetched. huggingface_hub turns it on for
+# either variable (huggingface_hub/constants.py reads both).
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def offline_variable() -> str | None:
+    """The environment variable that puts huggingface_hub in offline mode (`NAME=value`), or None when online."""
+    # Same precedence as huggingface_hub: a non-empty HF_HUB_OFFLINE decides, even "0"; else TRANSFORMERS_OFFLINE.
+    name = next((n for n in OFFLINE_VARIABLES if os.environ.get(n)), None)
+    if name is None or os.environ[name].strip().upper() not in ("1", "ON", "YES", "TRUE"):
+        return None
+    return f"{name}={os.environ[name]}"

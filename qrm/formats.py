@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import DataArguments
-from .data_files import DataError
+from .errors import DataError
 
 
 def format_needs(args: DataArguments) -> str:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .files import ADAPTER_FILES, ADAPTER_WEIGHTS, CARD_FILE, dir_kind
+from .errors import PushError
+from .files import ADAPTER_FILES, ADAPTER_WEIGHTS, CARD_FILE, dir_kind, offline_variable
 
 # qrm writes only safetensors; anything pickled is unsafe to load and not ours, so it never leaves the machine.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
@@ -34,10 +35,6 @@ TOKENIZER_FILES = frozenset(
 _TOKEN_RE = r"hf_[A-Za-z0-9]{30,}"
 _TOKEN_PATTERN = re.compile(_TOKEN_RE.encode())
 _SECRET_SCAN_MAX_BYTES = 64 * 2**20
-
-
-class PushError(Exception):
-    """A push that cannot or must not go ahead; the message is one line meant for the user."""
 
 
 @dataclass
@@ -176,19 +173,6 @@ def _hub_error_message(exc: BaseException, token: str | None, endpoint: str) -> 
             return _scrub(f"cannot reach the Hub at {endpoint}: {type(seen).__name__}: {seen}", token)
         seen = seen.__cause__ or seen.__context__
     return None
-
-
-# huggingface_hub turns offline mode on for either variable (huggingface_hub/constants.py reads both).
-OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-def offline_variable() -> str | None:
-    """The environment variable that puts huggingface_hub in offline mode (`NAME=value`), or None when online."""
-    # Same precedence as huggingface_hub: a non-empty HF_HUB_OFFLINE decides, even "0"; else TRANSFORMERS_OFFLINE.
-    name = next((n for n in OFFLINE_VARIABLES if os.environ.get(n)), None)
-    if name is None or os.environ[name].strip().upper() not in ("1", "ON", "YES", "TRUE"):
-        return None
-    return f"{name}={os.environ[name]}"
 
 
 def _scrub(text: str, token: str | None) -> str:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import LoraArguments, ModelArguments
+from .config import LoraArguments, ModelArguments, read_recipe, recipe_max_length
 from .source import resolve_path  # re-exported for older imports; the one owner is qrm.source
 
 logger = logging.getLogger(__name__)
@@ -395,3 +396,24 @@ def count_parameters(model: Any) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "total": total}
+
+
+def load_adapter_model(path: str | Path) -> tuple[Any, Any, int]:
+    """Rebuild the 4-bit base exactly as the recipe beside the adapter says, and load the adapter and head.
+
+    Args:
+        path (`str` or `Path`): an adapter dir written by `qrm train`.
+
+    Returns:
+        `tuple`: (the `PeftModel`, with LoRA and head in the training dtypes, its tokenizer, training's max_length)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    margs, recipe = read_recipe(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    with quiet_load_report():  # the head missing from a *ForCausalLM / BertModel base comes from the adapter next
+        model, _ = load_base(margs, tokenizer, trust_remote_code=bool(recipe.get("trust_remote_code", False)))
+        model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    cast_as_trained(model, margs)  # LoRA and head in the dtype TRL trained them in
+    return model, tokenizer, recipe_max_length(recipe)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .errors import RecipeError
 from .files import LENGTH_HEAD_FILE
 from .model import score_head, unwrap
 
@@ -79,7 +80,6 @@ def quality_only(model: Any) -> None:
 
 def setup(model: Any, args: Any, sharded: bool) -> torch.nn.Linear | None:
     """Attach the length head when `args.length_debias == "odin"` (before the Trainer is built); None otherwise."""
-    from .config import RecipeError
 
     method = getattr(args, "length_debias", "none")
     if method not in DEBIAS_METHODS:
@@ -259,54 +259,3 @@ def with_response_lengths(collator: Any, args: Any, tokenizer: Any) -> Any:
 
         collator = DataCollatorForPreference(tokenizer.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of)
     return ResponseLengthCollator(collator)
-
-
-HEAD_KEYS = ("accuracy", "length_reward_spearman", "accuracy_when_chosen_shorter", "accuracy_when_chosen_longer")
-
-
-def eval_heads(
-    rm: Any,
-    folder: str | os.PathLike,
-    rows: list[dict],
-    quality: tuple[list[float], list[float]],
-    batch_size: int = 16,
-) -> dict[str, dict[str, Any]]:
-    """Accuracy and length bias of the quality head, the length head and their sum (what ODIN trained with).
-
-    Args:
-        rm (`qrm.RewardModel`): the adapter model, scoring with its quality head.
-        folder (`str` or `os.PathLike`): the adapter dir holding `length_head.safetensors`.
-        rows (`list[dict]`): tokenized pair rows (`chosen_ids`, `rejected_ids`, `prompt_len`).
-        quality (`tuple`): (chosen, rejected) quality-head rewards of `rows`, already computed.
-        batch_size (`int`, *optional*, defaults to `16`): scoring batch size.
-    """
-    from .evaluate import pair_metrics
-    from .score import score_pair_rows
-
-    load_length_head(rm.model, folder)
-    with length_reward(rm.model):
-        length = score_pair_rows(rm.model, rows, rm.tokenizer.pad_token_id, batch_size)
-    clen = [len(r["chosen_ids"]) - r["prompt_len"] for r in rows]
-    rlen = [len(r["rejected_ids"]) - r["prompt_len"] for r in rows]
-    summed = tuple([q + x for q, x in zip(qs, ls, strict=True)] for qs, ls in zip(quality, length, strict=True))
-    out = {}
-    for name, (c, r) in {"quality": quality, "length": length, "sum": summed}.items():
-        m = pair_metrics(c, r, clen, rlen)
-        out[name] = {k: m[k] for k in HEAD_KEYS}
-    return out
-
-
-def heads_report_lines(heads: dict[str, dict[str, Any]]) -> list[str]:
-    """Markdown section for report.md comparing the ODIN heads."""
-    f = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-    lines = ["", "## ODIN heads", "", "The model (and every export) scores with the quality head; the length head and"]
-    lines[-1] += " the sum (what the Bradley-Terry loss was applied to) are shown for comparison."
-    lines += ["", "| head | accuracy | reward-length Spearman | acc. chosen shorter | acc. chosen longer |"]
-    lines += ["|---|---|---|---|---|"]
-    for name, m in heads.items():
-        short, long_ = m["accuracy_when_chosen_shorter"], m["accuracy_when_chosen_longer"]
-        lines.append(
-            f"| {name} | {f(m['accuracy'])} | {f(m['length_reward_spearman'])} | {f(short['accuracy'])} "
-            f"(n={short['n']}) | {f(long_['accuracy'])} (n={long_['n']}) |"
-        )
-    return lines

@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
 from .files import MODEL_CONFIG
 
 GIB = 1024**3
@@ -519,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         p = plan(
             args.recipe, num_gpus=args.num_gpus, gpu_memory_gb=args.gpu_memory, fsdp=args.fsdp, overrides=overrides
         )
-    except (ValueError, FileNotFoundError) as e:  # RecipeError is a ValueError
+    except (UserError, FileNotFoundError) as e:
         from .cli import user_error
 
         return user_error("qrm plan", e)

@@ -128,7 +128,7 @@ def openrlhf_inputs(
         `tuple[list[list[int]], list[bool], list[bool]]`: ids, whether each query was split at its prompt, and
         whether its start was cut.
     """
-    from .score import tokenize_responses
+    from .reward_model import tokenize_responses
 
     lead, trail, fixed = _special_strings(tokenizer)
     heads, tails, split = [], [], []

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .errors import RecipeError, SourceError
 from .files import CARD_FILE, MODEL_CONFIG, is_adapter_dir
 
 logger = logging.getLogger("qrm")
@@ -43,7 +44,6 @@ def inside(path: str | os.PathLike, container: str | os.PathLike) -> bool:
 
 def check_output_dir(output_dir: str, inputs: dict[str, str | None], sources: Any = None) -> None:
     """Refuse an `output_dir` that is a file, or equal to or inside one of `inputs` (field name -> local path)."""
-    from .config import RecipeError
 
     where = _blame(sources, "output_dir")
     if Path(output_dir).is_file():
@@ -75,7 +75,7 @@ def decide_output_dir(targs: Any, resolved: dict[str, Any], train_rows: list[dic
     """Return the checkpoint to resume from (or None: start afresh), moving an old run aside when the recipe says
     `replace_output_dir`; raise `RecipeError` when the directory holds files this run must not touch. Writes
     nothing except that rename."""
-    from .config import RecipeError, data_fingerprint, resolved_recipe
+    from .config import data_fingerprint, resolved_recipe
     from .resume import last_good_checkpoint, resume_checkpoint
 
     out = Path(targs.output_dir)
@@ -119,7 +119,6 @@ def decide_output_dir(targs: Any, resolved: dict[str, Any], train_rows: list[dic
 
 def _move_aside(out: Path) -> None:
     """Rename the old run to a timestamped sibling (main process only); the new run starts in an empty dir."""
-    from .config import RecipeError
 
     target = out.with_name(f"{out.name}{REPLACED_SUFFIX}{time.strftime('%Y%m%d-%H%M%S')}")
     n = 1
@@ -145,7 +144,6 @@ def _barrier() -> None:
 
 def load_tokenizer_or_explain(margs: Any, targs: Any, sources: Any = None) -> Any:
     """`qrm.model.load_tokenizer`, with a Hub or path failure turned into one line that says what was tried."""
-    from .config import RecipeError
     from .model import load_tokenizer
 
     try:
@@ -173,13 +171,12 @@ def check_model_source(margs: Any, where: Any = None) -> str | None:
     A path that does not exist here is taken for a Hub id only when it looks like one (`name` or `owner/name`); with
     HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set it must then be in the Hub cache.
     """
-    from .config import RecipeError
-    from .hub import offline_variable
+    from .files import offline_variable
 
     src = where("model_name_or_path") if callable(where) else (where or "recipe")
     name = margs.model_name_or_path
     head = f"{src}: model_name_or_path={name!r}"
-    from .source import SourceError, check_gguf_ready, gguf_source
+    from .source import check_gguf_ready, gguf_source
 
     try:
         if gguf_source(name) is not None:
@@ -226,7 +223,6 @@ def check_lora_targets(local_dir: str, largs: Any, where: Any = None, trust_remo
     import torch
     from transformers import AutoConfig
 
-    from .config import RecipeError
     from .model import meta_model
 
     src = where("lora_target_modules") if callable(where) else (where or "recipe")

@@ -1,5 +1,5 @@
 """`qrm eval`'s written output: metrics.json, report.md and the PNG plots (reliability, length bias, reward
-histograms), from the metrics `qrm.evaluate.pair_metrics` computes. matplotlib is optional: without it the report
+histograms), from the metrics `qrm.metrics.pair_metrics` computes. matplotlib is optional: without it the report
 says so and no PNG is drawn."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .evaluate import pair_metrics
 from .files import METRICS_FILE, REPORT_FILE
+from .metrics import pair_metrics
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -41,15 +41,15 @@ def write_report(
     heads: dict[str, Any] | None = None,
     rewardbench: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Compute `qrm.evaluate.pair_metrics` and write metrics.json, report.md and (with matplotlib) reliability.png,
+    """Compute `qrm.metrics.pair_metrics` and write metrics.json, report.md and (with matplotlib) reliability.png,
     length_bias.png and reward_hist.png into `out_dir`.
 
     Args:
         out_dir (`str` or `Path`): where the files go (created if missing).
-        chosen, rejected, chosen_len, rejected_len, subsets: as for `qrm.evaluate.pair_metrics`.
+        chosen, rejected, chosen_len, rejected_len, subsets: as for `qrm.metrics.pair_metrics`.
         title (`str`, *optional*, defaults to `"qrm eval"`): heading of the report and the plots.
         extra (`dict`, *optional*, defaults to `None`): stored under "extra" (probe results get a table).
-        heads (`dict`, *optional*, defaults to `None`): ODIN's per-head metrics (`qrm.odin.eval_heads`).
+        heads (`dict`, *optional*, defaults to `None`): ODIN's per-head metrics (`qrm.evaluate.eval_heads`).
         rewardbench (`dict`, *optional*, defaults to `None`): `qrm.rewardbench.rewardbench_scores` output.
 
     Returns the metrics as written to metrics.json, with the written plot file names under "plots"."""
@@ -145,8 +145,6 @@ def _report_md(m: dict[str, Any], title: str, plot_note: str | None) -> str:
         ]
 
     if m.get("heads"):
-        from .odin import heads_report_lines
-
         lines += heads_report_lines(m["heads"])
     if m.get("rewardbench"):
         from .rewardbench import report_lines
@@ -297,3 +295,19 @@ def _plot_reward_hist(fig: Any, path: Path, rc: np.ndarray, rr: np.ndarray, titl
     ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path)
+
+
+def heads_report_lines(heads: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown section for report.md comparing the ODIN heads."""
+    f = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = ["", "## ODIN heads", "", "The model (and every export) scores with the quality head; the length head and"]
+    lines[-1] += " the sum (what the Bradley-Terry loss was applied to) are shown for comparison."
+    lines += ["", "| head | accuracy | reward-length Spearman | acc. chosen shorter | acc. chosen longer |"]
+    lines += ["|---|---|---|---|---|"]
+    for name, m in heads.items():
+        short, long_ = m["accuracy_when_chosen_shorter"], m["accuracy_when_chosen_longer"]
+        lines.append(
+            f"| {name} | {f(m['accuracy'])} | {f(m['length_reward_spearman'])} | {f(short['accuracy'])} "
+            f"(n={short['n']}) | {f(long_['accuracy'])} (n={long_['n']}) |"
+        )
+    return lines

@@ -17,6 +17,7 @@ from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .errors import RecipeError
 from .files import RECIPE_FILE, VERSIONS_FILE
 
 logger = logging.getLogger("qrm")
@@ -26,18 +27,6 @@ _CKPT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 # Exit codes of `qrm train` beyond 0 (done) and 2 (recipe or data error).
 NONFINITE_EXIT = 3
 PREEMPTED_EXIT = 4
-
-
-class NonFiniteError(RuntimeError):
-    """A training step produced a NaN/Inf loss or gradient; raised before the optimizer applied it."""
-
-
-class Preempted(RuntimeError):
-    """The run got SIGTERM/SIGUSR1, saved a checkpoint at the next step boundary and stopped."""
-
-    def __init__(self, signal_name: str, step: int, checkpoint: str) -> None:
-        super().__init__(f"{signal_name}: stopped after step {step}; checkpoint {checkpoint} saved, resume from it")
-        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
 
 
 def _check_safetensors(path: str) -> None:
@@ -237,7 +226,6 @@ def check_resume_recipe(
     Returns:
         `list[str]`: the differences (with `force`, also logged).
     """
-    from .config import RecipeError
 
     saved_recipe, saved_versions = _read_provenance(checkpoint)
     recipe, versions = current if current is not None else _read_provenance(output_dir)
@@ -272,7 +260,6 @@ def resume_checkpoint(args: Any, current: tuple[dict, dict] | None = None) -> st
     auto takes the newest complete checkpoint in output_dir, skipping damaged ones with a log line. An explicit
     path that is not a usable checkpoint, or a recipe change that matters (see `check_resume_recipe`), raises
     `RecipeError`."""
-    from .config import RecipeError
 
     mode = str(getattr(args, "resume", None) or "auto")
     alias = getattr(args, "resume_from_checkpoint", None)

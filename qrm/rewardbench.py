@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import DataError
+
 # rewardbench/constants.py, EXAMPLE_COUNTS and SUBSET_MAPPING.
 EXAMPLE_COUNTS = {
     "alpacaeval-easy": 100,
@@ -72,7 +74,7 @@ def load_rewardbench(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a local file in RewardBench layout: `prompt` (text or a message list), `chosen` (text, or a list of
     one), `rejected` (text, or a list: RewardBench 2), `subset`. Returns dicts with `row` (1-based), `prompt`,
     `chosen` (str), `rejected` (list of str) and `subset`; a bad row raises `DataError` naming file, row and field."""
-    from .data import DataError, load_rows
+    from .data import load_rows
 
     path = Path(path)
     if path.suffix == ".jsonl" and path.is_file():
@@ -93,8 +95,6 @@ def load_rewardbench(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _texts(path: Path, i: int, field: str, value: Any) -> list[str]:
-    from .data import DataError
-
     items = value if isinstance(value, list) else [value]
     if not items or not all(isinstance(t, str) and t.strip() for t in items):
         raise DataError(f"{path}: row {i}: field {field!r} must be a non-empty text or a list of non-empty texts")
@@ -102,8 +102,6 @@ def _texts(path: Path, i: int, field: str, value: Any) -> list[str]:
 
 
 def _row(path: Path, i: int, r: Any) -> dict[str, Any]:
-    from .data import DataError
-
     if not isinstance(r, dict):
         raise DataError(f"{path}: row {i}: expected an object with fields {', '.join(FIELDS)}")
     missing = [f for f in FIELDS if r.get(f) is None]
@@ -205,7 +203,7 @@ def fit_texts(tokenizer: Any, prompts: list[str], responses: list[str], limit: i
     a response that alone exceeds `limit` keeps its last tokens (the reward is read at the end). Returns (ids,
     prompt cut, response cut)."""
     from .policy_text import _special_strings
-    from .score import tokenize_responses
+    from .reward_model import tokenize_responses
 
     ids = tokenize_responses(tokenizer, prompts, responses, limit)
     response_cut = [x is None for x in ids]
@@ -230,7 +228,7 @@ def evaluate_rewardbench(rm: Any, path: str | Path, batch_size: int = 16) -> tup
     Every pair is scored, as RewardBench scores them: sequences are fitted to the model's position limit (or the
     training max_length when that is larger) by cutting the prompt from the left, as training does; a response
     that alone exceeds it keeps its last tokens. `fit` counts the rows cut each way, per subset too."""
-    from .score import score_ids
+    from .reward_model import score_fitting
 
     rows = load_rewardbench(path)
     prompts, responses, owner = [], [], []
@@ -242,11 +240,7 @@ def evaluate_rewardbench(rm: Any, path: str | Path, batch_size: int = 16) -> tup
             owner.append(k)
     limit = max(rm.max_length, position_limit(rm))
     ids, prompt_cut, response_cut = fit_texts(rm.tokenizer, prompts, responses, limit)
-    fit = [i for i, x in enumerate(ids) if x is not None]
-    rewards: list[float | None] = [None] * len(ids)
-    scored = score_ids(rm.model, [ids[i] for i in fit], rm.tokenizer.pad_token_id, batch_size)
-    for i, v in zip(fit, scored, strict=True):
-        rewards[i] = v
+    rewards = score_fitting(rm.model, ids, rm.tokenizer.pad_token_id, batch_size)
     row_prompt_cut, row_response_cut = [False] * len(rows), [False] * len(rows)
     for i, k in enumerate(owner):
         row_prompt_cut[k] |= prompt_cut[i]

@@ -3,8 +3,8 @@
 Endpoints: `POST /get_reward` (OpenRLHF's remote reward API), `POST /score` ((prompt, response) pairs or
 conversations), `GET /health`, OpenAPI docs at `/docs`. Texts are tokenized as `qrm score` tokenizes them; one worker
 thread runs every forward pass, merging the texts of concurrent requests into batches (a short wait, a token budget:
-`qrm.batching`) and scoring each batch with `qrm.score.score_ids`, the function `qrm score` uses. OpenRLHF's queries
-become ids in `qrm.policy_text` (with `--policy-tokenizer`, the policy's special-token texts removed first)."""
+`qrm.batching`) and scoring each batch with `qrm.reward_model.score_ids`, the function `qrm score` uses. OpenRLHF's
+queries become ids in `qrm.policy_text` (with `--policy-tokenizer`, the policy's special-token texts removed first)."""
 
 from __future__ import annotations
 
@@ -30,20 +30,14 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from .batching import DynamicBatcher
+from .errors import ServeError
+from .files import dir_kind
 from .policy_text import PolicySpecials, openrlhf_inputs
 
 logger = logging.getLogger(__name__)
 
 PROTECTED_PATHS = ("/get_reward", "/score")
 DEFAULT_API_KEY_ENV = "QRM_API_KEY"
-
-
-class ServeError(Exception):
-    """A request the server refuses: HTTP `status`, the offending `field` and a one-line message."""
-
-    def __init__(self, status: int, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.status, self.field, self.message = status, field, message
 
 
 @dataclass
@@ -115,13 +109,13 @@ class ScoreResponse(BaseModel):
 
 def score_texts(tokenizer: Any, req: ScoreRequest) -> tuple[list[str], list[str]]:
     """(prompts, responses) as text for a /score request, conversations rendered as training rendered them
-    (`qrm.score.render_pair`); raises `ServeError` naming the field of a bad item.
+    (`qrm.reward_model.render_pair`); raises `ServeError` naming the field of a bad item.
 
     Args:
         tokenizer (`PreTrainedTokenizerBase`): the reward model's tokenizer (its chat template renders messages).
         req (`ScoreRequest`): the validated request body.
     """
-    from .score import render_pair
+    from .reward_model import render_pair
 
     if req.conversations is not None:
         if req.prompts is not None or req.responses is not None:
@@ -183,7 +177,7 @@ def get_reward_inputs(
 def score_inputs(rm: Any, req: ScoreRequest, max_texts: int, policy: PolicySpecials | None = None) -> list[list[int]]:
     """Token ids for a /score request, as `qrm score` builds them (the policy's special-token texts removed first
     when `policy` is given); a response alone over max_length is a 422."""
-    from .score import tokenize_responses
+    from .reward_model import tokenize_responses
 
     field = "conversations" if req.conversations is not None else "prompts"
     _check_count(field, len(req.conversations or req.prompts or []), max_texts)
@@ -312,7 +306,7 @@ def create_app(
         policy (`PolicySpecials`, *optional*): the policy tokenizer's special-token texts, removed from every text
             before it is tokenized (`--policy-tokenizer`).
     """
-    from .score import score_ids
+    from .reward_model import score_ids
 
     s = settings or ServeSettings()
     pad = rm.tokenizer.pad_token_id if rm.tokenizer.pad_token_id is not None else rm.tokenizer.eos_token_id
@@ -429,7 +423,7 @@ def _check(args: argparse.Namespace) -> tuple[str | None, str | None]:
     path = Path(args.model)
     if not path.is_dir():
         return f"--model {args.model}: no such directory", None
-    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+    if dir_kind(path) is None:
         return (
             f"--model {args.model}: holds neither config.json (qrm merge export) nor adapter_config.json (qrm train output)",
             None,
@@ -476,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"cannot listen on {args.host}:{args.port}: {e}")
     from transformers.utils import logging as hf_logging
 
-    from .score import RewardModel, score_ids
+    from .reward_model import RewardModel, score_ids
 
     hf_logging.disable_progress_bar()  # one startup line, not a weight-loading bar
     policy_tok = None

@@ -25,15 +25,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import SourceError
+
 logger = logging.getLogger("qrm")
 
 PKG_PREFIX = "pkg:"
 SOURCE_FILE = "qrm_source.json"  # in a converted checkpoint: what it was converted from, by which versions
 CONVERTER_VERSION = 1  # bump when the conversion changes what it writes: old cache entries are then not reused
-
-
-class SourceError(ValueError):
-    """`model_name_or_path` names something qrm cannot turn into a checkpoint (missing package, not a GGUF, ...)."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataArguments, LoraArguments, ModelArguments, TrainingArguments, to_dict, write_provenance
+from .errors import DataError, NonFiniteError, Preempted, RecipeError
 from .files import DATA_REPORT_FILE, METRICS_FILE, VERIFY_PAIRS_FILE
 
 logger = logging.getLogger("qrm")
@@ -305,7 +306,7 @@ def _save_verify_pairs(out: Path, rows: list[dict], chosen: list[float], rejecte
 
 def _eval_report(out: Path | None, rows: list[dict], chosen: list[float], rejected: list[float]) -> dict[str, Any]:
     """Pair metrics of the end-of-training evaluation; with `out`, also the report `qrm eval` writes."""
-    from .evaluate import pair_metrics
+    from .metrics import pair_metrics
     from .report import write_report
 
     clen = [len(r["chosen_ids"]) - r["prompt_len"] for r in rows]
@@ -322,9 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     run before the optimizer step (the last good checkpoint is kept); 4 preempted: SIGTERM or SIGUSR1 saved a
     checkpoint at the next step boundary, and rerunning the same command resumes from it exactly.
     """
-    from .config import RecipeError, parse_recipe
-    from .data import DataError
-    from .resume import NONFINITE_EXIT, PREEMPTED_EXIT, NonFiniteError, Preempted
+    from .config import parse_recipe
+    from .resume import NONFINITE_EXIT, PREEMPTED_EXIT
 
     try:
         margs, largs, dargs, targs = parse_recipe(argv)

@@ -30,8 +30,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import RewardTrainer
 
 from . import odin, packing
+from .errors import NonFiniteError, Preempted
 from .files import LENGTH_HEAD_FILE, PROVENANCE_FILES
-from .resume import NonFiniteError, Preempted
 
 logger = logging.getLogger("qrm")
 
@@ -284,11 +284,8 @@ class QrmRewardTrainer(RewardTrainer):
 
     def reward_head(self) -> torch.nn.Module | None:
         """The live score head packed forwards read rewards from (None for BERT-style encoders, read via pooler)."""
-        from .model import score_head
-
         if not hasattr(self, "_reward_head"):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            self._reward_head = None if packing.is_encoder(unwrapped) else score_head(unwrapped)
+            self._reward_head = packing.head_module(self.accelerator.unwrap_model(self.model))
         return self._reward_head
 
     def _packed_loss(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 
 from .files import dir_kind
 from .policy_text import PolicySpecials
-from .score import Messages, RewardModel, score_ids, tokenize_responses
+from .reward_model import Messages, RewardModel, score_fitting, tokenize_responses
 
 
 def policy_device() -> str:
@@ -59,12 +59,7 @@ class RewardFunction:
             prompts, completions = self.policy(prompts), self.policy(completions)
         texts_p, texts_r = rm.render_batch(prompts, completions)
         ids = tokenize_responses(rm.tokenizer, texts_p, texts_r, rm.max_length)
-        keep = [i for i, x in enumerate(ids) if x is not None]
-        rewards = score_ids(rm.model, [ids[i] for i in keep], rm.tokenizer.pad_token_id, self.batch_size)
-        out: list[float | None] = [None] * len(ids)
-        for i, reward in zip(keep, rewards, strict=True):
-            out[i] = reward
-        return out
+        return score_fitting(rm.model, ids, rm.tokenizer.pad_token_id, self.batch_size)
 
     def __repr__(self) -> str:
         return f"RewardFunction({self.__name__!r}, batch_size={self.batch_size})"

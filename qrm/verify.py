@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .export import ExportError
+from .errors import DataError, ExportError
 from .files import VERIFY_PAIRS_FILE
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -40,7 +40,7 @@ def verification_pairs(
         `tuple`: the tokenized pair rows, the rewards stored with them at the end of training (or None), and where
         they came from. Raises `ExportError` naming the file when there are none or they cannot be read."""
     from .config import DataArguments
-    from .data import DataError, DataReport, build_pairs, load_rows, tokenize_pairs
+    from .data import DataReport, build_pairs, load_rows, tokenize_pairs
 
     stored: list[tuple[float, float]] | None = None
     try:
@@ -122,8 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--adapter", action="store_true")
     args = ap.parse_args(argv)
 
+    from .config import read_recipe, recipe_max_length
     from .model import autocast_dtype
-    from .score import read_recipe, recipe_max_length, score_ids
+    from .reward_model import score_ids
 
     t0 = time.time()
     folder = Path(args.model)
@@ -156,7 +157,7 @@ def _load_as_users_do(folder: Path, adapter: bool) -> tuple[Any, Any, dict[str, 
         return model, tokenizer, {}
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .score import default_device
+    from .reward_model import default_device
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model, info = AutoModelForSequenceClassification.from_pretrained(folder, output_loading_info=True)
@@ -170,13 +171,11 @@ def _own_ids(rows: list[dict], tokenizer: Any, max_length: int) -> tuple[list[li
     """Every chosen then rejected sequence as the exported tokenizer gives it, and how many differ from training's.
 
     Pairs are tokenized as pairs: training cut the shared prompt to fit the longer of the two responses."""
-    from .data import DataError, DataReport, tokenize_pairs
+    from .data import DataReport
+    from .reward_model import tokenize_fitting
 
     pairs = [{k: r[k] for k in PAIR_FIELDS} | {"row": i} for i, r in enumerate(rows)]
-    try:
-        own = tokenize_pairs(pairs, tokenizer, max_length, DataReport(source="verify"))
-    except DataError:
-        own = []
+    own = tokenize_fitting(pairs, tokenizer, max_length, DataReport(source="verify"))
     own_by_row = {r["row"]: r for r in own}
     seqs, mismatched = [], 0
     for side in ("chosen_ids", "rejected_ids"):
@@ -190,7 +189,7 @@ def _own_ids(rows: list[dict], tokenizer: Any, max_length: int) -> tuple[list[li
 def _plain_text_mismatches(rows: list[dict], tokenizer: Any) -> int:
     """Plain text, as a pipeline or vLLM tokenizes it (the prompt joined to the response, specials added), against
     qrm's ids for the same untruncated text: differences come only from merges across the prompt/response boundary."""
-    from .score import tokenize_responses
+    from .reward_model import tokenize_responses
 
     prompts = [r["prompt"] for r in rows] * 2
     responses = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
@@ -273,7 +272,7 @@ def verification_report(
     Returns:
         `dict`: the figures (`max_abs_delta`, `spearman`, `pairwise_agreement`, `flipped_pairs`, ...), `passed`
         and the `problems` that failed it; written to `verification.json` and the model card."""
-    from .evaluate import spearman
+    from .metrics import spearman
 
     exp_c, exp_r = child["chosen"], child["rejected"]
     ref, exp = [*ref_c, *ref_r], [*exp_c, *exp_r]

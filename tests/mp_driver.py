@@ -76,10 +76,10 @@ def _install_recorder(rec: Recorder) -> None:
     import safetensors.torch
     import torch
 
-    import qrm.score
+    import qrm.reward_model
 
     sys.addaudithook(rec.audit)
-    save, save_file, score = torch.save, safetensors.torch.save_file, qrm.score.score_pair_rows
+    save, save_file, score = torch.save, safetensors.torch.save_file, qrm.reward_model.score_pair_rows
 
     def torch_save(obj: Any, f: Any, *a: Any, **k: Any) -> Any:
         if isinstance(f, (str, os.PathLike)):
@@ -94,7 +94,11 @@ def _install_recorder(rec: Recorder) -> None:
         rec.scored.extend(json.dumps([r["chosen_ids"], r["rejected_ids"]]) for r in rows)
         return score(model, rows, *a, **k)
 
-    torch.save, safetensors.torch.save_file, qrm.score.score_pair_rows = torch_save, st_save_file, score_pair_rows
+    torch.save, safetensors.torch.save_file, qrm.reward_model.score_pair_rows = (
+        torch_save,
+        st_save_file,
+        score_pair_rows,
+    )
     import peft.peft_model
     import transformers.modeling_utils
 

@@ -7,7 +7,8 @@ import json
 import pytest
 from conftest import ROOT
 
-from qrm.config import RecipeError, parse_recipe, to_dict, write_provenance
+from qrm.config import parse_recipe, to_dict, write_provenance
+from qrm.errors import RecipeError
 
 DEMO = ROOT / "recipes" / "demo" / "minilm_hh_helpful.yaml"
 

@@ -140,7 +140,8 @@ def test_fsdp_config_on_gpu_processes_is_fsdp2_bf16() -> None:
     4-bit storage passes, the default uint8 storage is refused before any weight is read. On CPU processes (NO)
     the same environment runs unsharded."""
     from qrm.config import ModelArguments
-    from qrm.distributed import LaunchError, check_launch, effective_launch
+    from qrm.distributed import check_launch, effective_launch
+    from qrm.errors import LaunchError
 
     env = _fsdp_yaml_env()
     assert (env["ACCELERATE_USE_FSDP"], env["FSDP_VERSION"], env["ACCELERATE_MIXED_PRECISION"]) == ("true", "2", "bf16")

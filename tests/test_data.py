@@ -9,7 +9,8 @@ import pytest
 from conftest import DATA, HH_TRAIN, ROOT, hh_rows, write_jsonl
 
 from qrm.config import DataArguments
-from qrm.data import DataError, DataReport, build_pairs, load_rows, prepare, split_implicit, tokenize_pairs
+from qrm.data import DataReport, build_pairs, load_rows, prepare, split_implicit, tokenize_pairs
+from qrm.errors import DataError
 
 
 def pairs_of(path: Path, tokenizer, **kw):

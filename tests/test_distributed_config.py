@@ -100,7 +100,8 @@ def _launched_with(monkeypatch: pytest.MonkeyPatch, config: str) -> None:
 @pytest.mark.parametrize("config", ["fsdp.yaml", "fsdp_multinode.yaml", "zero3.yaml"])
 @pytest.mark.parametrize("storage", ["uint8", "float32", "float16"])
 def test_check_launch_refuses_mismatched_storage(monkeypatch: pytest.MonkeyPatch, config: str, storage: str) -> None:
-    from qrm.distributed import LaunchError, check_launch
+    from qrm.distributed import check_launch
+    from qrm.errors import LaunchError
 
     margs, targs = _recipe(FSDP_RECIPE, "--bnb_4bit_quant_storage", storage)
     _launched_with(monkeypatch, config)
@@ -134,7 +135,8 @@ def test_check_launch_ignores_unsharded_launches(monkeypatch: pytest.MonkeyPatch
 
 def test_check_launch_reads_trainer_fsdp_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     """Plain torchrun + `--fsdp`: no accelerate variables, the Trainer's arguments say FSDP."""
-    from qrm.distributed import LaunchError, check_launch, detect_launch
+    from qrm.distributed import check_launch, detect_launch
+    from qrm.errors import LaunchError
 
     for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))]:
         monkeypatch.delenv(key)
@@ -157,7 +159,8 @@ def test_fsdp_config_on_cpu_processes_warns_once_and_runs_unsharded(
     """accelerate builds no FSDP plugin for MULTI_CPU processes (it runs DDP): qrm says so and loads unsharded."""
     import logging
 
-    from qrm.distributed import LaunchError, check_launch, effective_launch
+    from qrm.distributed import check_launch, effective_launch
+    from qrm.errors import LaunchError
 
     margs, targs = _recipe(SINGLE_RECIPE)  # uint8 storage: refused under a real FSDP launch
     _launched_with(monkeypatch, config)

@@ -1,4 +1,4 @@
-"""qrm.evaluate: metrics checked against hand-derived values, synthetic-data recovery, warnings, report, probes."""
+"""qrm.metrics: metrics checked against hand-derived values, synthetic-data recovery, warnings, report, probes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from qrm.evaluate import (
+from qrm.metrics import (
     LENGTH_SPEARMAN_WARN,
     PROBE_NAMES,
     fit_temperature,

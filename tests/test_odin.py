@@ -55,7 +55,7 @@ def test_constant_lengths_give_zero_correlation_and_finite_gradients() -> None:
 
 def _independent_loss(trainer, rows: list[dict]) -> float:
     """ODIN's loss from padded, one-sequence-at-a-time rewards and numpy (not the training code path)."""
-    from qrm.score import score_pair_rows
+    from qrm.reward_model import score_pair_rows
 
     model, pad = trainer.model, trainer.processing_class.pad_token_id
     qc, qr = score_pair_rows(model, rows, pad, 1)  # the logits' first column: the quality head
@@ -184,7 +184,7 @@ def test_debiasing_moves_the_correlation(tiny_llama, tmp_path) -> None:
 
 
 def test_unknown_method_is_refused_before_anything_loads(tiny_llama, tmp_path) -> None:
-    from qrm.config import RecipeError
+    from qrm.errors import RecipeError
 
     data = write_jsonl(tmp_path / "hh.jsonl", hh_rows(4))
     with pytest.raises(RecipeError, match="length_debias='odn' must be none or odin"):

@@ -22,7 +22,7 @@ import pytest
 from conftest import HH_TEST, MINILM, hh_rows
 
 from qrm.data import split_implicit
-from qrm.score import RewardModel
+from qrm.reward_model import RewardModel
 
 GPU_ONLY = ("deepspeed", "flash_attn", "flash_attn.bert_padding", "flash_attn.utils", "flash_attn.utils.distributed")
 CONVERSATIONS = [
@@ -182,7 +182,7 @@ def test_remote_reward_with_another_policy_tokenizer(openrlhf, minilm_server, ti
     from transformers import AutoTokenizer
 
     from qrm.policy_text import openrlhf_inputs
-    from qrm.score import score_ids
+    from qrm.reward_model import score_ids
 
     policy = AutoTokenizer.from_pretrained(tiny_llama)
     rm = RewardModel.from_pretrained(minilm_server["export"], device="cpu")

@@ -105,7 +105,8 @@ def test_recipe_runs_under_its_launcher(path: Path, monkeypatch: pytest.MonkeyPa
     """The accelerate config named on the first line and the recipe agree: an FSDP config shards the packed 4-bit
     weights in the recipe's storage dtype (and would refuse uint8 storage), a single-GPU config shards nothing."""
     from qrm.config import parse_recipe
-    from qrm.distributed import LaunchError, check_launch, detect_launch, launch_env
+    from qrm.distributed import check_launch, detect_launch, launch_env
+    from qrm.errors import LaunchError
 
     m = RUN.match(path.read_text().splitlines()[0])
     margs, _, _, targs = parse_recipe(["--recipe", str(path)])

@@ -16,7 +16,8 @@ from transformers import TrainerCallback
 
 import qrm.train as qtrain
 from qrm.config import parse_recipe
-from qrm.resume import NonFiniteError, last_good_checkpoint
+from qrm.errors import NonFiniteError
+from qrm.resume import last_good_checkpoint
 from qrm.trainer import QrmRewardTrainer
 
 TOKEN = "hf_FAKEFAKEFAKEFAKEFAKEFAKEFAKEFAKE12"

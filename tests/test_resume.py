@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from test_train import ENV, _recipe
 
 import qrm.train as qtrain
-from qrm.config import RecipeError, data_fingerprint
+from qrm.config import data_fingerprint
+from qrm.errors import RecipeError
 from qrm.resume import PREEMPTED_EXIT, checkpoint_problem, recipe_changes, resume_checkpoint
 from qrm.trainer import SeededLengthGroupedSampler
 

@@ -113,8 +113,8 @@ def test_grpo_plain_prompts_get_qrm_score_rewards(tiny_llama, rm_export, rm, tmp
 def measure_dir_route(trainer, rm: RewardModel, capsys) -> None:
     """TRL's `_calculate_rewards` on HH-RLHF test pairs that fit max_length: column 0 is qrm.reward_function, column 1 the dir route."""
     from qrm.data import split_implicit
-    from qrm.evaluate import spearman
-    from qrm.score import tokenize_responses
+    from qrm.metrics import spearman
+    from qrm.reward_model import tokenize_responses
 
     pairs = [split_implicit(r["chosen"], r["rejected"]) for r in hh_rows(200, HH_TEST)]
     texts = [(p, c) for p, *responses in pairs for c in responses]

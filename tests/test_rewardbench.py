@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import DATA, hh_rows, write_jsonl
 
-from qrm.data import DataError
+from qrm.errors import DataError
 from qrm.rewardbench import load_rewardbench, rewardbench_scores
 
 MINI = DATA / "rewardbench_mini.jsonl"
@@ -145,8 +145,8 @@ def test_cli_names_a_bad_row_before_loading_the_model(export, tmp_path, capsys) 
 def test_long_prompt_is_cut_from_the_left_as_in_training(export, tmp_path) -> None:
     """A pair over the position limit keeps both responses whole and loses the prompt's start, as training does;
     its rewards equal `RewardModel` scoring the kept prompt tail."""
+    from qrm.reward_model import RewardModel, tokenize_responses
     from qrm.rewardbench import evaluate_rewardbench
-    from qrm.score import RewardModel, tokenize_responses
 
     rm = RewardModel.from_pretrained(export, device="cpu")
     prompt = " ".join(hh_rows(1)[0]["chosen"].split()[:150])
@@ -166,6 +166,6 @@ def test_long_prompt_is_cut_from_the_left_as_in_training(export, tmp_path) -> No
 
 
 def _score(rm, ids) -> float:
-    from qrm.score import score_ids
+    from qrm.reward_model import score_ids
 
     return score_ids(rm.model, [ids], rm.tokenizer.pad_token_id)[0]

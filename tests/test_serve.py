@@ -81,7 +81,7 @@ def servers(export: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def offline(export: Path):
-    from qrm.score import RewardModel
+    from qrm.reward_model import RewardModel
 
     return RewardModel.from_pretrained(export, device="cpu")
 
@@ -301,7 +301,7 @@ def test_bad_model_path_refused_before_loading(tmp_path) -> None:
 
 def test_openrlhf_inputs_strip_bert_specials(minilm_tokenizer) -> None:
     """[CLS] … [SEP] in a query (an encoder reward model) are not doubled: ids equal `qrm score`'s."""
-    from qrm.score import tokenize_responses
+    from qrm.reward_model import tokenize_responses
     from qrm.serve import openrlhf_inputs
 
     tok = minilm_tokenizer
@@ -324,7 +324,7 @@ def test_policy_special_tokens_are_removed_before_scoring(minilm_tokenizer, tiny
     from transformers import AutoTokenizer
 
     from qrm.policy_text import PolicySpecials, openrlhf_inputs
-    from qrm.score import tokenize_responses
+    from qrm.reward_model import tokenize_responses
 
     tok, policy = minilm_tokenizer, PolicySpecials(AutoTokenizer.from_pretrained(tiny_llama), minilm_tokenizer)
     assert {"<s>", "</s>", "<pad>", "<unk>"} <= set(policy.texts) and "[CLS]" not in policy.texts

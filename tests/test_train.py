@@ -60,7 +60,7 @@ def _score_in_fresh_process(out: Path) -> list[list[float]]:
         "import json\n"
         "from qrm import RewardModel\n"
         "from qrm.data import DataReport, tokenize_pairs\n"
-        "from qrm.score import score_pair_rows\n"
+        "from qrm.reward_model import score_pair_rows\n"
         f"rm = RewardModel.from_pretrained({str(out)!r})\n"
         f"pairs = [json.loads(l) for l in open({str(out / 'verify_pairs.jsonl')!r})]\n"
         "rows = tokenize_pairs(pairs, rm.tokenizer, rm.max_length, DataReport(source='verify'))\n"
