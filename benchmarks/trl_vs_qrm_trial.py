@@ -120,7 +120,8 @@ def model_flops(model_path: str, lora_r: int, lora_targets: list[str]) -> dict[s
     import torch
     from transformers import AutoConfig
 
-    from qrm.model import meta_model, resolve_path
+    from qrm.model import meta_model
+    from qrm.source import resolve_path
 
     config = AutoConfig.from_pretrained(resolve_path(model_path))
     model = meta_model(config)

@@ -284,7 +284,7 @@ class _OriginalWeights:
     """Reads the base model's original weights one tensor at a time from its safetensors files."""
 
     def __init__(self, margs: Any, prefix: str):
-        from .model import resolve_path
+        from .source import resolve_path
 
         path = resolve_path(margs.model_name_or_path)
         folder = Path(path)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .config import LoraArguments, ModelArguments, read_recipe, recipe_max_length
-from .source import resolve_path  # re-exported for older imports; the one owner is qrm.source
+from .source import resolve_path
 
 logger = logging.getLogger(__name__)
 

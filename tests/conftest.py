@@ -48,7 +48,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def minilm_tokenizer():
     from transformers import AutoTokenizer
 
-    from qrm.model import resolve_path
+    from qrm.source import resolve_path
 
     return AutoTokenizer.from_pretrained(resolve_path(MINILM))
 

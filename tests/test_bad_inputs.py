@@ -22,7 +22,7 @@ import pytest
 from conftest import HH_TRAIN, MINILM, hh_rows, write_jsonl
 
 import qrm.cli
-from qrm.model import resolve_path
+from qrm.source import resolve_path
 
 W = "{W}"  # the workspace directory, filled in per run
 

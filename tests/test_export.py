@@ -258,7 +258,7 @@ def minilm_export(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.mark.slow
 def test_minilm_export_describes_itself_and_pipeline_gives_raw_reward(minilm_export: dict) -> None:
-    from qrm.model import resolve_path
+    from qrm.source import resolve_path
 
     out = Path(minilm_export["out_dir"])
     assert json.loads((Path(resolve_path(MINILM)) / "config.json").read_text())["architectures"] == ["BertModel"]

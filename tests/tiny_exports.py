@@ -13,7 +13,7 @@ def seeded_export(base: str | Path, out: Path, seed: int = 0) -> Path:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from qrm.export_tokenizer import save_tokenizer
-    from qrm.model import resolve_path
+    from qrm.source import resolve_path
 
     base = resolve_path(str(base))
     torch.manual_seed(seed)
