@@ -14,6 +14,7 @@ with gguf and is not serializable"): the conversion rebuilds the model from its 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.resources
 import importlib.util
@@ -22,6 +23,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,29 +174,45 @@ def _convert(gguf_file: Path, out: Path) -> None:
     """Dequantize with transformers' GGUF reader, rebuild without `quantization_config`, save as safetensors."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     folder, name = str(gguf_file.parent), gguf_file.name
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # "Converting and de-quantizing GGUF tensors" x 236: one qrm line says it
-    try:
+    with _quiet_progress():  # one qrm line says it converts
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        config = loaded.config
+        # Without this attribute the model is an ordinary one: save_pretrained refuses anything "quantized with gguf".
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.architectures = [type(loaded).__name__]
+        with torch.device("meta"):
+            fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+        fresh.tie_weights()
+        fresh.generation_config = loaded.generation_config
+        fresh.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """transformers' progress bars off; its GGUF reader's too, which iterates `tqdm(reader.tensors, ...)` with tqdm
+    imported directly (transformers/modeling_gguf_pytorch_utils.py, `load_gguf_checkpoint`), out of reach of
+    `disable_progress_bar`: that module's `tqdm` is swapped for a disabled one while converting, then restored."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
     finally:
+        gguf_utils.tqdm = original
         if was_enabled:
             hf_logging.enable_progress_bar()
-    config = loaded.config
-    # Without this attribute the model is an ordinary one: save_pretrained refuses anything "quantized with gguf".
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.architectures = [type(loaded).__name__]
-    with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict(), strict=True, assign=True)
-    fresh.tie_weights()
-    fresh.generation_config = loaded.generation_config
-    fresh.save_pretrained(out)
-    tokenizer.save_pretrained(out)
 
 
 def _write_source_info(out: Path, source: GgufSource, sha: str, seconds: float) -> None:
