@@ -108,10 +108,9 @@ def check_gguf_ready(name_or_path: str) -> None:
     """Raise `SourceError` (one line naming what to install) unless a GGUF source can be converted here: cheap, no
     conversion. A no-op for other sources and for a GGUF already in the cache."""
     source = gguf_source(name_or_path)
-    if source is None or _complete(_target(source)):
+    if source is None or _complete(_target(source)[0]):
         return
-    if importlib.util.find_spec("gguf") is None:
-        raise SourceError(f"{name_or_path}: reading a GGUF file needs the gguf package: pip install gguf")
+    _need_gguf(name_or_path)
 
 
 def converted(source: GgufSource) -> Path:
@@ -119,11 +118,10 @@ def converted(source: GgufSource) -> Path:
     several processes of one launch convert once)."""
     from filelock import FileLock
 
-    target = _target(source)
+    target, sha = _target(source)  # a file's sha256 is read once: GGUFs are hundreds of MB
     if _complete(target):
         return target
-    if importlib.util.find_spec("gguf") is None:
-        raise SourceError(f"{source.name}: reading a GGUF file needs the gguf package: pip install gguf")
+    _need_gguf(source.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if _complete(target):  # another process converted it while this one waited
@@ -136,7 +134,6 @@ def converted(source: GgufSource) -> Path:
             gguf_file = _materialize(source, staging)
             _convert(gguf_file, staging)
             gguf_file.unlink()
-            sha = source.sha256 or _sha256(source.path)
             _write_source_info(staging, source, sha, time.perf_counter() - t0)
             if target.exists():  # an incomplete leftover of a killed conversion: never mixed with the new one
                 shutil.rmtree(target)
@@ -146,9 +143,15 @@ def converted(source: GgufSource) -> Path:
     return target
 
 
-def _target(source: GgufSource) -> Path:
+def _target(source: GgufSource) -> tuple[Path, str]:
+    """(the cache dir of `source`'s conversion, its sha256)."""
     sha = source.sha256 or _sha256(source.path)
-    return cache_dir() / "gguf" / f"{Path(source.name).stem}-{sha[:16]}-v{CONVERTER_VERSION}"
+    return cache_dir() / "gguf" / f"{Path(source.name).stem}-{sha[:16]}-v{CONVERTER_VERSION}", sha
+
+
+def _need_gguf(what: str) -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise SourceError(f"{what}: reading a GGUF file needs the gguf package: pip install gguf")
 
 
 def _complete(target: Path) -> bool:
