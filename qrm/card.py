@@ -15,6 +15,7 @@ from typing import Any
 from .files import (
     ADAPTER_CONFIG,
     EXPORT_INFO_FILE,
+    LENGTH_ERASE_FILE,
     METRICS_FILE,
     MODEL_CONFIG,
     RECIPE_FILE,
@@ -26,6 +27,7 @@ from .files import (
 PROVENANCE_SECTIONS = (
     ("Training recipe", RECIPE_FILE, "yaml"),
     ("Training metrics", METRICS_FILE, "json"),
+    ("Length debiasing (length_debias: erase, the score head edit)", LENGTH_ERASE_FILE, "json"),
     ("Library versions", VERSIONS_FILE, "json"),
 )
 # Only a Hub id is valid `base_model` metadata; a local or pkg: path would fail the Hub's YAML check.

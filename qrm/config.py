@@ -151,23 +151,28 @@ class TrainingArguments(RewardConfig):
             "are moved aside to `<output_dir>.replaced-<time>` (nothing is deleted). Off: such a dir is refused."
         },
     )
-    # ODIN (Chen et al., ICML 2024, arXiv 2402.07319); see qrm/odin.py. Weights default to 1.0 as in the authors'
-    # reference implementation (RLHFlow/RLHF-Reward-Modeling odin/gemma_two_head.py: correlation_with_length,
-    # ortho_reg).
+    # Length debiasing; see qrm/erase.py (post-hoc, the recommended switch) and qrm/odin.py (Chen et al., ICML 2024,
+    # arXiv 2402.07319). ODIN's weights default to 1.0 as in the authors' reference implementation
+    # (RLHFlow/RLHF-Reward-Modeling odin/gemma_two_head.py); qrm's terms are in reward units, so 1.0 works at any
+    # reward scale.
     length_debias: str = field(
         default="none",
         metadata={
-            "help": "none, or odin: a length head beside the score head, Bradley-Terry loss on their sum, the score "
-            "(quality) head decorrelated from response length and the length head correlated with it; only the "
-            "quality head is exported and scored."
+            "help": "none; erase: after training, the score head is edited once (least change of the training "
+            "rewards) so reward and response-length rank are uncorrelated on the training pairs; odin: a length head "
+            "beside the score head, Bradley-Terry loss on their sum, the score (quality) head decorrelated from "
+            "response length per batch. Exports are one-label models either way."
         },
     )
     odin_length_weight: float = field(
         default=1.0,
-        metadata={"help": "odin: weight of |pearson(quality, length)| - pearson(length head, length) per batch."},
+        metadata={
+            "help": "odin: weight of pearson(quality, length)^2 - pearson(length head, length), per batch, in "
+            "reward units (qrm/odin.py)."
+        },
     )
     odin_ortho_weight: float = field(
-        default=1.0, metadata={"help": "odin: weight of |cos(W_quality, W_length)| (heads' weights kept apart)."}
+        default=1.0, metadata={"help": "odin: weight of cos(W_quality, W_length)^2 (heads' weights kept apart)."}
     )
 
 
@@ -380,8 +385,8 @@ def validate(
     number("verify_pairs", targs.verify_pairs, integer=True, low=0)
     for key in ("better_margin", "slightly_better_margin", "min_score_gap"):
         number(key, getattr(dargs, key))
-    if targs.length_debias not in ("none", "odin"):  # qrm.odin.DEBIAS_METHODS
-        raise bad("length_debias", targs.length_debias, "must be none or odin")
+    if targs.length_debias not in ("none", "odin", "erase"):  # qrm.odin.DEBIAS_METHODS
+        raise bad("length_debias", targs.length_debias, "must be none, erase or odin")
     for key in ("odin_length_weight", "odin_ortho_weight"):
         number(key, getattr(targs, key), low=0.0)
     resolve_eval_split(dargs, where, getattr(source, "argv_keys", set()))

@@ -36,6 +36,7 @@ from .files import (
     ADAPTER_WEIGHTS,
     CARD_FILE,
     EXPORT_INFO_FILE,
+    LENGTH_ERASE_FILE,
     METRICS_FILE,
     RECIPE_FILE,
     VERIFICATION_FILE,
@@ -49,7 +50,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 # trained against, and 0.9 still catches a broken merge while tolerating the expected drift.
 DEFAULT_MIN_AGREEMENT = {"exact": 1.0, "base": 0.9, "adapter": 1.0}
 DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
-COPIED_FILES = (RECIPE_FILE, VERSIONS_FILE, METRICS_FILE)
+COPIED_FILES = (RECIPE_FILE, VERSIONS_FILE, METRICS_FILE, LENGTH_ERASE_FILE)
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
 
 

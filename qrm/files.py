@@ -15,6 +15,7 @@ METRICS_FILE = "metrics.json"  # end-of-training metrics (train) / evaluation me
 DATA_REPORT_FILE = "data_report.json"  # rows read, kept, dropped (and why) per data file
 VERIFY_PAIRS_FILE = "verify_pairs.jsonl"  # held-out pairs with the trained model's rewards: exports are checked on them
 LENGTH_HEAD_FILE = "length_head.safetensors"  # ODIN's length head, beside the adapter (never in an export)
+LENGTH_ERASE_FILE = "length_erase.json"  # length_debias: erase: the head edit's figures (copied into exports)
 REPORT_FILE = "report.md"  # qrm eval's human-readable report
 CARD_FILE = "README.md"  # model card (export and Hub)
 

@@ -219,6 +219,13 @@ def score_head(model: Any) -> torch.nn.Module:
     return found[0][1]
 
 
+def trained_head(head: torch.nn.Module) -> torch.nn.Module:
+    """The copy of a score head that trains: under PEFT's `ModulesToSaveWrapper` the active adapter's, else the head."""
+    if hasattr(head, "modules_to_save") and head.active_adapters:
+        return head.modules_to_save[head.active_adapters[0]]
+    return head
+
+
 def load_model(
     margs: ModelArguments,
     largs: LoraArguments,

@@ -1,17 +1,24 @@
 """ODIN: length-disentangled reward training (Chen et al., "ODIN: Disentangled Reward Mitigates Hacking in RLHF",
-ICML 2024, arXiv 2402.07319).
+ICML 2024, arXiv 2402.07319), with its extra terms in reward units so the default weights work at any reward scale.
 
 The model's ordinary score head is the *quality* head. A second linear head, the *length* head, reads the same
 features (the input of the score head: a decoder's last-token state, a BERT encoder's pooled [CLS]). Per batch of B
-pairs, with r_Q and r_L the two heads' rewards of the 2B responses and L their response lengths:
+pairs, with r_Q and r_L the two heads' rewards of the 2B responses, L their response lengths and sg() a value used
+without its gradient:
 
-    loss = BT(r_Q + r_L) + odin_length_weight * (|ρ(r_Q, L)| - ρ(r_L, L)) + odin_ortho_weight * |cos(W_Q, W_L)|
+    loss = BT(r_Q + r_L) + odin_length_weight * (ρ(r_Q, L)² sg(σ(r_Q)) - ρ(r_L, L) sg(σ(r_L)))
+                         + odin_ortho_weight * cos(W_Q, W_L)² sg(|W_Q| |W_L|)
 
 BT is the Bradley-Terry loss −log σ(chosen − rejected) (minus the margin, plus TRL's reward centering when set) and
-ρ the Pearson correlation over the 2B responses of the batch on this process. The paper writes the last term
-|W_Qᵀ W_L|; its scale-free form is used here (the authors' reimplementation normalizes the head weights too), so
-shrinking the weights cannot satisfy it. Response length = tokens of the response: the sequence's tokens after the
-prompt, including the closing EOS/[SEP] (the same count `qrm eval` reports length bias with).
+ρ the Pearson correlation over the 2B responses of the batch on this process. Differences from the paper's
+|ρ(r_Q, L)| − ρ(r_L, L) + |W_Qᵀ W_L|, each measured (README, "Length bias"): a correlation's gradient grows as
+1/σ(reward), so with rewards ~0.02 early in training the raw terms outweighed BT 100-fold and BT never learned
+(held-out accuracy 0.42-0.45 at weights 1.0); multiplied by the detached σ, a term's gradient on each reward is
+O(1/2B), BT's own size. Squares instead of absolute values: |x| has a gradient of full size at 0 that flips sign
+with the noise of a 16-response correlation, which under Adam took the heads' steps away from BT (0.573 and 0.550
+held-out with |·|, 0.586 squared, MiniLM helpful). Response length = tokens of the response: the sequence's tokens
+after the prompt, including the closing EOS/[SEP] (the same count `qrm eval` reports length bias with). Batches are
+drawn at random (a length-grouped sampler would leave no length spread inside a batch); at least 4 pairs per batch.
 
 The length head lives beside the adapter in `length_head.safetensors`; the adapter, `qrm merge` and `qrm score`
 see an ordinary one-label model whose reward is the quality head. `qrm eval` reports both heads when the file is
@@ -32,20 +39,19 @@ import torch
 
 from .errors import RecipeError
 from .files import LENGTH_HEAD_FILE
-from .model import score_head, unwrap
+from .model import score_head, trained_head, unwrap
 
 logger = logging.getLogger("qrm")
 
-DEBIAS_METHODS = ("none", "odin")
+DEBIAS_METHODS = ("none", "erase", "odin")
 LENGTH_HEAD_NAME = "qrm_length_head"  # submodule of the transformers model, outside PEFT's adapter state dict
+MIN_ODIN_PAIRS = 4  # 8 responses: fewer make a per-batch correlation mostly noise
 RESPONSE_LEN_KEY = "qrm_response_len"  # batch key: response tokens of the 2B sequences, chosen first
 
 
 def head_weight(head: torch.nn.Module) -> torch.Tensor:
     """The active weight (1, hidden) of a score head, under PEFT's wrapper or bare."""
-    if hasattr(head, "modules_to_save") and head.active_adapters:
-        return head.modules_to_save[head.active_adapters[0]].weight
-    return head.weight
+    return trained_head(head).weight
 
 
 def length_head(model: Any) -> torch.nn.Linear | None:
@@ -78,17 +84,42 @@ def quality_only(model: Any) -> None:
         lin.qrm_hook = None
 
 
-def setup(model: Any, args: Any, sharded: bool) -> torch.nn.Linear | None:
-    """Attach the length head when `args.length_debias == "odin"` (before the Trainer is built); None otherwise."""
+def resolve(args: Any, sharded: bool) -> None:
+    """Check `args.length_debias` against the launch and batch, before anything is loaded or recorded; ODIN's
+    batches are drawn at random when the recipe groups them by length (one line says so).
 
+    Args:
+        args (`TrainingArguments`): the recipe's training arguments (`train_sampling_strategy` may be set).
+        sharded (`bool`): parameters are sharded (FSDP or ZeRO-3).
+    """
     method = getattr(args, "length_debias", "none")
     if method not in DEBIAS_METHODS:
         raise RecipeError(f"length_debias={method!r}, expected one of {DEBIAS_METHODS}")
     if method == "none":
-        return None
+        return
     if sharded:
-        # The length head would be a sharded parameter outside PEFT's state dict, which save_adapter cannot gather.
-        raise RecipeError("length_debias: odin is not supported with FSDP or ZeRO-3 sharding yet; use DDP")
+        # ODIN's length head would be a sharded parameter outside PEFT's state dict, which save_adapter cannot
+        # gather; erase edits the score head, which FSDP shards.
+        raise RecipeError(f"length_debias: {method} is not supported with FSDP or ZeRO-3 sharding yet; use DDP")
+    if method == "erase":
+        logger.info("length_debias=erase: plain Bradley-Terry training; the score head is edited once at the end")
+        return
+    if args.per_device_train_batch_size < MIN_ODIN_PAIRS:
+        raise RecipeError(
+            f"length_debias: odin correlates rewards with length within each batch and needs "
+            f"per_device_train_batch_size >= {MIN_ODIN_PAIRS}, got {args.per_device_train_batch_size}; "
+            "use length_debias: erase"
+        )
+    if args.train_sampling_strategy == "group_by_length":
+        # Length-grouped batches leave little length spread inside a batch to decorrelate against.
+        args.train_sampling_strategy = "random"
+        logger.info("length_debias=odin: batches drawn at random, not grouped by length (needs length spread)")
+
+
+def setup(model: Any, args: Any) -> torch.nn.Linear | None:
+    """Attach the length head when `args.length_debias == "odin"` (before the Trainer is built); None otherwise."""
+    if getattr(args, "length_debias", "none") != "odin":
+        return None
     lin = attach_length_head(model)
     logger.info(
         "length_debias=odin: length head beside the score head (length weight %g, orthogonality weight %g)",
@@ -198,7 +229,14 @@ def odin_objective(
     rho_q, rho_l = pearson(q, n), pearson(lr, n)
     wq, wl = w_quality.float().reshape(-1), w_length.float().reshape(-1)
     ortho = torch.abs(torch.nn.functional.cosine_similarity(wq, wl, dim=0))
-    loss = bt + length_weight * (torch.abs(rho_q) - rho_l) + ortho_weight * ortho
+    # In reward units: a correlation's gradient grows as 1/std(reward), so while rewards are small (~0.02 at the
+    # start) the raw terms swamp Bradley-Terry (grad norm 10-36 vs 0.05-0.2) and BT never learns. Scaled by the
+    # detached std, each term's gradient on a reward is (z_L - rho z_r) / 2B, the size of BT's sigma(-d) / B at any
+    # reward scale; the minimiser is unchanged. The orthogonality term is cos^2 times the detached norms: |cos|'s
+    # gradient is 1/|W| and never vanishes (it flips sign at 0), so under Adam it took the heads' steps from BT.
+    sd_q, sd_l = q.detach().std(unbiased=False), lr.detach().std(unbiased=False)
+    scale = wq.detach().norm() * wl.detach().norm()
+    loss = bt + length_weight * (rho_q**2 * sd_q - rho_l * sd_l) + ortho_weight * ortho**2 * scale
     if center_coefficient is not None:
         loss = loss + center_coefficient * torch.mean((chosen + rejected) ** 2)
     return {"loss": loss, "bt": bt, "corr_quality": rho_q, "corr_length": rho_l, "ortho": ortho}

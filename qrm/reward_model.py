@@ -37,13 +37,30 @@ def score_ids(
     Returns:
         `list[float]`: one reward per sequence, in the given order; scored under the autocast training used
         (`qrm.model.autocast_for`)."""
+    return [float(x) for x in logits_ids(model, sequences, pad_token_id, batch_size, progress)[:, 0]]
+
+
+@torch.no_grad()
+def logits_ids(
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    pad_token_id: int,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> torch.Tensor:
+    """All logits columns of each token sequence, pooled as the model pools its reward (`score_ids` reads column 0).
+
+    Args: as `score_ids`.
+
+    Returns:
+        `torch.Tensor`: (len(sequences), columns) float32 on the CPU, in the given order."""
     from .model import autocast_for  # lazily: qrm.model imports TRL (through qrm.config)
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out = [0.0] * len(sequences)
+    out: list[torch.Tensor | None] = [None] * len(sequences)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -61,15 +78,16 @@ def score_ids(
                 mask[row, : len(seq)] = 1
             with autocast_for(model):
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            logits = logits.float().cpu()
             for row, i in enumerate(idx):
-                out[i] = float(logits[row, 0].float())
+                out[i] = logits[row]
             if bar is not None:
                 bar.update(len(idx))
     finally:
         model.train(was_training)
         if bar is not None:
             bar.close()
-    return out
+    return torch.stack(out) if out else torch.zeros(0, 1)
 
 
 def score_pair_rows(

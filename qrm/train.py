@@ -78,6 +78,7 @@ def build_trainer(
 
 def _training_setup(margs: ModelArguments, targs: TrainingArguments) -> bool:
     """Precision, launch and checkpointing rules; returns whether parameters are sharded (FSDP)."""
+    from . import odin
     from .distributed import check_launch, effective_launch
     from .model import resolve_precision
 
@@ -86,7 +87,9 @@ def _training_setup(margs: ModelArguments, targs: TrainingArguments) -> bool:
         logger.info(note)
     launch = effective_launch(targs)  # an FSDP config on CPU-only processes runs as DDP (warned once, unsharded)
     check_launch(margs, targs, launch)
-    return launch.sharding is not None
+    sharded = launch.sharding is not None
+    odin.resolve(targs, sharded)  # length_debias: checked (and ODIN's sampler chosen) before anything is recorded
+    return sharded
 
 
 def _check_inputs(
@@ -141,7 +144,7 @@ def _load(margs: ModelArguments, largs: LoraArguments, targs: TrainingArguments,
         fsdp=fsdp,
         trust_remote_code=targs.trust_remote_code,
     )
-    odin.setup(model, targs, sharded=fsdp)  # length_debias: odin; before TRL casts and the optimizer sees weights
+    odin.setup(model, targs)  # length_debias: odin; before TRL casts and the optimizer sees weights
     if checkpointing and margs.load_in_4bit and not fsdp:
         # prepare_model_for_kbit_training already enabled checkpointing; the Trainer would enable it again with
         # its own kwargs, so leave the switch to the model. TRL reads the old name, the Trainer the new one.
@@ -234,6 +237,11 @@ def train(
     train_seconds = time.time() - t0
     restore_attention(trainer.model)  # the per-pair sdpa kernel is a training-time detail; save and score as sdpa
     quality_only(trainer.model)  # ODIN: reports, verify pairs and exports score the quality head alone
+    if targs.length_debias == "erase":  # the head edit, before anything scores the model
+        from .erase import erase_length
+
+        pad = tokenizer.pad_token_id
+        erase_length(trainer.model, prepared.train, pad, targs.per_device_eval_batch_size, out if _is_main() else None)
 
     metrics: dict[str, Any] = {
         "train_loss": result.training_loss,

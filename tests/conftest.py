@@ -119,3 +119,29 @@ def save_adapter_from_fsdp2(model: Any, out_dir: str | Path, rank: int) -> None:
         wait_for_everyone=dist.barrier,
     )
     save_adapter(SimpleNamespace(accelerator=accelerator, model=model, processing_class=None), out_dir)
+
+
+def length_confounded_pairs(n: int, seed: int, longer_share: float, marked_share: float = 0.7) -> list[dict]:
+    """Pairs whose chosen response is the longer one in `longer_share` of them, and which carry a weaker quality
+    signal: in `marked_share` of the pairs the chosen response says "thanks" and the rejected one "sorry", each at a
+    random place. `longer_share=1.0` makes length all a length-only model needs."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the a model answer question helpful useful clear kind brief detail step reason example fact".split()
+
+    def response(k: int, marker: str | None) -> str:
+        out = rng.choices(words, k=k)
+        if marker is not None:
+            out.insert(rng.randrange(len(out) + 1), marker)
+        return " ".join(out)
+
+    rows = []
+    for _ in range(n):
+        prompt = "\n\nHuman: " + " ".join(rng.choices(words, k=6)) + "?\n\nAssistant:"
+        long_, short = rng.randint(14, 40), rng.randint(2, 12)
+        c_len, r_len = (long_, short) if rng.random() < longer_share else (short, long_)
+        marked = rng.random() < marked_share
+        chosen, rejected = response(c_len, "thanks" if marked else None), response(r_len, "sorry" if marked else None)
+        rows.append({"chosen": prompt + " " + chosen, "rejected": prompt + " " + rejected})
+    return rows

@@ -256,3 +256,61 @@ def test_sigkill_job_then_rerun_resumes_bit_identically_and_says_so_once(chain: 
     got, want = _history(chain["out"]), _history(reference["out"])
     assert got == want
     assert _adapter_diff(chain["out"], reference["out"]) == (0, 0.0)
+
+
+def test_erase_under_ddp_edits_the_head_from_every_rank_s_responses(
+    tiny_llama: Path, data: tuple[Path, Path], reference: dict, tmp_path: Path
+) -> None:
+    """`length_debias: erase` on 2 processes: training is the plain reference's, bit for bit; the head edit uses the
+    statistics of all 32 training responses (each rank scores 16, the sums are all-reduced), so the saved reward is
+    uncorrelated with length rank over all of them, not only over one rank's share."""
+    from scipy.stats import rankdata
+
+    from qrm import RewardModel
+    from qrm import data as qdata
+    from qrm.config import parse_recipe
+    from qrm.files import LENGTH_ERASE_FILE
+    from qrm.reward_model import score_pair_rows
+
+    out = tmp_path / "o"
+    res = _launch([*_args(tiny_llama, data, out, 2), "--length_debias", "erase"], tmp_path / "rec")
+    assert res.returncode == 0, res.stderr[-4000:]
+    a, b = load_file(reference["out"] / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    changed = sorted(k for k in a if not torch.equal(a[k], b[k]))
+    assert changed and all("score" in k for k in changed), changed
+    record = json.loads((out / LENGTH_ERASE_FILE).read_text())
+    assert record["responses"] == 32 and abs(record["pearson_rank_after"]) < 1e-6, record
+    rm = RewardModel.from_pretrained(out)
+    _, _, dargs, targs = parse_recipe(_args(tiny_llama, data, tmp_path / "unused", 2))
+    rows = qdata.prepare(dargs, rm.tokenizer, targs.max_length).train
+    chosen, rejected = score_pair_rows(rm.model, rows, rm.tokenizer.pad_token_id)
+    lengths = [len(r[k]) - r["prompt_len"] for k in ("chosen_ids", "rejected_ids") for r in rows]
+    import numpy as np
+
+    assert len(lengths) == 32 and abs(np.corrcoef(chosen + rejected, rankdata(lengths))[0, 1]) < 1e-4
+
+
+def test_odin_two_processes_equal_one_process_with_accumulation(
+    tiny_llama: Path, data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`length_debias: odin` under DDP: each rank's ODIN loss is over its own micro-batch, exactly as one process
+    with gradient accumulation sees the same micro-batches one after the other, so adapter and length head match
+    bit for bit (4 pairs per micro-batch: ODIN's minimum)."""
+    import qrm.train as qtrain
+    from qrm.files import LENGTH_HEAD_FILE
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    odin = ["--length_debias", "odin", "--max_steps", "2"]
+    res = _launch([*_args(tiny_llama, data, two, 4), *odin], tmp_path / "rec")
+    assert res.returncode == 0, res.stderr[-4000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process
+    try:
+        assert qtrain.main([*_args(tiny_llama, data, one, 4), *odin, "--gradient_accumulation_steps", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("adapter_model.safetensors", LENGTH_HEAD_FILE):
+        a, b = load_file(two / name), load_file(one / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    logged = json.loads((two / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    assert any("odin_corr_length" in h for h in logged)

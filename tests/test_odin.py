@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 from pathlib import Path
 
@@ -38,8 +37,9 @@ def test_objective_equals_hand_computation() -> None:
     assert out["corr_length"].item() == pytest.approx(0.4472136, abs=1e-6)
     # |cos([3, 4], [0, 2])| = 8 / (5 * 2) = 0.8.
     assert out["ortho"].item() == pytest.approx(0.8, abs=1e-6)
-    # 0.693147 + 0.5 * (0.6 - 0.447214) + 2 * 0.8 = 2.369540.
-    assert out["loss"].item() == pytest.approx(2.3695404, abs=1e-6)
+    # In reward units: rho_q^2 * std(q) - rho_l * std(l) with population stds sqrt(1.25) and 0.5, and cos^2 times
+    # the norms 5 * 2: 0.693147 + 0.5 * (0.36 * 1.118034 - 0.447214 * 0.5) + 2 * 0.64 * 10 = 13.582590.
+    assert out["loss"].item() == pytest.approx(13.5825898, abs=1e-5)
     # A margin of 1 and -1: BT = (log(1 + e) + log(1 + e^-1)) / 2 = (1.313262 + 0.313262) / 2 = 0.813262.
     with_margin = odin_objective(quality, length, n_tokens, w_q, w_l, margin=torch.tensor([1.0, -1.0]))
     assert with_margin["bt"].item() == pytest.approx(0.8132617, abs=1e-6)
@@ -69,8 +69,9 @@ def _independent_loss(trainer, rows: list[dict]) -> float:
     inner = model.get_base_model()
     wq = inner.score.modules_to_save["default"].weight.detach().double().numpy().ravel()
     wl = length_head(model).weight.detach().double().numpy().ravel()
-    cos = abs(wq @ wl) / np.linalg.norm(wq) / np.linalg.norm(wl)
-    return float(bt + 1.0 * (abs(rho_q) - rho_l) + 1.0 * cos)
+    norms = np.linalg.norm(wq) * np.linalg.norm(wl)
+    cos = abs(wq @ wl) / norms
+    return float(bt + 1.0 * (rho_q**2 * q.std() - rho_l * ln.std()) + 1.0 * cos**2 * norms)
 
 
 @pytest.mark.parametrize("packing", ["true", "false"])
@@ -152,42 +153,11 @@ def test_eval_reports_both_heads(odin_run, tmp_path) -> None:
     assert "## ODIN heads" in (out / "report.md").read_text()
 
 
-def _length_informative_pairs(n: int, seed: int) -> list[dict]:
-    """Pairs whose chosen response is always the longer one: the only signal in the data is length."""
-    rng = random.Random(seed)
-    words = "the a model answer question helpful useful clear kind brief detail step reason example fact".split()
-    rows = []
-    for _ in range(n):
-        prompt = "\n\nHuman: " + " ".join(rng.choices(words, k=6)) + "?\n\nAssistant:"
-        long_, short = rng.randint(14, 40), rng.randint(2, 12)
-        rows.append(
-            {
-                "chosen": prompt + " " + " ".join(rng.choices(words, k=long_)),
-                "rejected": prompt + " " + " ".join(rng.choices(words, k=short)),
-            }
-        )
-    return rows
-
-
-def test_debiasing_moves_the_correlation(tiny_llama, tmp_path) -> None:
-    """Same seed and data, plain vs odin: where length is all the data says, the plain reward follows length and
-    the ODIN quality head much less (measured here: Spearman +0.57 plain, +0.13 odin)."""
-    train_file = write_jsonl(tmp_path / "train.jsonl", _length_informative_pairs(64, 0))
-    test_file = write_jsonl(tmp_path / "test.jsonl", _length_informative_pairs(48, 1))
-    rho = {}
-    for mode in ("none", "odin"):
-        argv = _recipe(tiny_llama, tmp_path / mode, train_file, "--eval_dataset", str(test_file))
-        argv += ["--length_debias", mode, "--max_length", "64", "--per_device_train_batch_size", "8"]
-        rho[mode] = train(*parse_recipe(argv))["eval_length_reward_spearman"]
-    assert rho["none"] > 0.4, rho
-    assert abs(rho["odin"]) < rho["none"] / 2, rho
-
-
 def test_unknown_method_is_refused_before_anything_loads(tiny_llama, tmp_path) -> None:
     from qrm.errors import RecipeError
 
     data = write_jsonl(tmp_path / "hh.jsonl", hh_rows(4))
-    with pytest.raises(RecipeError, match="length_debias='odn' must be none or odin"):
+    with pytest.raises(RecipeError, match="length_debias='odn' must be none, erase or odin"):
         parse_recipe(_recipe(tiny_llama, tmp_path / "o", data, "--length_debias", "odn"))
     with pytest.raises(RecipeError, match="odin_ortho_weight"):
         parse_recipe(_recipe(tiny_llama, tmp_path / "o", data, "--odin_ortho_weight", "-1"))
