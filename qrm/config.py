@@ -19,6 +19,7 @@ from .errors import RecipeError
 from .files import RECIPE_FILE
 
 DATASET_FORMATS = ("auto", "explicit", "implicit", "conversational", "sharegpt", "ratings")
+LENGTH_DEBIAS_METHODS = ("none", "erase", "odin")  # qrm/erase.py, qrm/odin.py
 DEFAULT_MAX_LENGTH = 1024  # TrainingArguments.max_length's default; a resolved recipe at the default omits the key
 
 
@@ -151,10 +152,9 @@ class TrainingArguments(RewardConfig):
             "are moved aside to `<output_dir>.replaced-<time>` (nothing is deleted). Off: such a dir is refused."
         },
     )
-    # Length debiasing; see qrm/erase.py (post-hoc, the recommended switch) and qrm/odin.py (Chen et al., ICML 2024,
-    # arXiv 2402.07319). ODIN's weights default to 1.0 as in the authors' reference implementation
-    # (RLHFlow/RLHF-Reward-Modeling odin/gemma_two_head.py); qrm's terms are in reward units, so 1.0 works at any
-    # reward scale.
+    # Length debiasing: qrm/erase.py (post-hoc, recommended) and qrm/odin.py (Chen et al., arXiv 2402.07319). ODIN's
+    # weights default to 1.0 as in the authors' code (RLHFlow/RLHF-Reward-Modeling odin/gemma_two_head.py); qrm's
+    # terms are in reward units, so 1.0 works at any reward scale.
     length_debias: str = field(
         default="none",
         metadata={
@@ -385,7 +385,7 @@ def validate(
     number("verify_pairs", targs.verify_pairs, integer=True, low=0)
     for key in ("better_margin", "slightly_better_margin", "min_score_gap"):
         number(key, getattr(dargs, key))
-    if targs.length_debias not in ("none", "odin", "erase"):  # qrm.odin.DEBIAS_METHODS
+    if targs.length_debias not in LENGTH_DEBIAS_METHODS:
         raise bad("length_debias", targs.length_debias, "must be none, erase or odin")
     for key in ("odin_length_weight", "odin_ortho_weight"):
         number(key, getattr(targs, key), low=0.0)

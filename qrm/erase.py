@@ -63,14 +63,9 @@ def _with_features(model: Any) -> Iterator[None]:
 
 def _ranks(values: Sequence[float]) -> torch.Tensor:
     """Standardised average ranks (ties share their mean rank) as float64."""
-    x = torch.as_tensor(values, dtype=torch.float64)
-    order = torch.argsort(x)
-    ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(len(x), dtype=torch.float64)
-    uniq, inverse = torch.unique(x, return_inverse=True)
-    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks)
-    counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(x))
-    ranks = (sums / counts)[inverse]
+    from scipy.stats import rankdata
+
+    ranks = torch.as_tensor(rankdata(values), dtype=torch.float64)
     return (ranks - ranks.mean()) / ranks.std(unbiased=False).clamp_min(1e-12)
 
 
